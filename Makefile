@@ -1,0 +1,65 @@
+# triage-node — the README's two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEBS   := orthanc orthanc-dicomweb dcmtk dicom3tools
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install debs venv demo test lint typecheck unit integration bench clean
+
+help:
+	@echo "make demo   - install, then run the whole job on the embedded defaults"
+	@echo "make test   - install, then ruff, mypy and the full pytest suite"
+	@echo "make bench  - benchmarks (bench/)"
+
+install: debs venv
+
+# Debian packages: the real Orthanc, DCMTK and dicom3tools the tests and the demo use.
+debs:
+	@missing=""; for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make install: needs root to install Debian packages:$$missing" >&2; exit 1; fi; \
+	  echo "apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+# torch is pinned to the CPU build that installs from a local file; installing it first keeps
+# pip from resolving a multi-GB CUDA build for monai's torch requirement.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m deploy.demo.run $(if $(KEEP),--keep)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest
+
+unit: install
+	$(VENV)/bin/pytest tests/unit
+
+integration: install
+	$(VENV)/bin/pytest tests/integration
+
+bench: install
+	$(PY) -m bench.time_to_flag
+
+clean:
+	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""A throwaway Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) on loopback ports.
+
+Used by the demo, the integration tests and the benchmarks: a generated config in a
+temporary folder, HTTP authentication with a generated password, DICOMweb enabled, and
+``OverwriteInstances`` on so that a re-delivered result replaces the earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ORTHANC_BIN = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalOrthanc:
+    workdir: Path
+    aet: str = "ORTHANC"
+    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    http_port: int = field(default_factory=free_port)
+    dicom_port: int = field(default_factory=free_port)
+    username: str = "triage"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return (self.username, self.password)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=self.auth, timeout=30)
+
+    def _write_config(self) -> Path:
+        storage = self.workdir / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "triage-node-local",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.username: self.password},
+            "OverwriteInstances": True,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "HttpDescribeErrors": True,
+            "StableAge": 2,
+            "LimitFindResults": 0,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def start(self, timeout: float = 30.0) -> LocalOrthanc:
+        if not Path(ORTHANC_BIN).exists():
+            raise RuntimeError(f"{ORTHANC_BIN} not found: run `make install` (Debian orthanc)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self._write_config()
+        log = (self.workdir / "orthanc.log").open("wb")
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        self._proc = subprocess.Popen([ORTHANC_BIN, str(config)], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with {self._proc.returncode}; see {self.workdir}/orthanc.log")
+            try:
+                if httpx.get(f"{self.url}/system", auth=self.auth, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """Stop at once (a crash), keeping the storage folder for a restart."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalOrthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,105 @@
+"""The REST API on a real node (no detectors loaded, so no engine is needed)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from triage_node.api.app import create_app
+from triage_node.config.models import DicomConfig, NodeConfig, TrustedCaller
+from triage_node.detectors.findings import Urgency
+from triage_node.node import Node
+from triage_node.worklist.store import FindingSummary
+
+RULES = """rules:
+  - name: qa
+    description: test scanner
+    when: {source: calling_ae, equals: QA}
+    ignore: true
+"""
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
+    monkeypatch.setenv("TRIAGE_NODE_API_TOKEN", TOKEN)
+    (tmp_path / "detectors").mkdir()
+    (tmp_path / "rules.yaml").write_text(RULES)
+    config = NodeConfig(data_dir=tmp_path / "data", rules_file=tmp_path / "rules.yaml",
+                        detectors_dir=tmp_path / "detectors",
+                        dicom=DicomConfig(trusted_callers=[TrustedCaller(ae_title="PACS")]))
+    built = Node(config)
+    yield built
+    built.db.close()
+
+
+def _add(node: Node, uid: str, urgency: Urgency, arrived: float) -> None:
+    with node.db.transaction() as conn:
+        conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
+                     " first_received, last_received) VALUES (?, ?, 'processed', '{}', ?, ?)",
+                     (uid, "s-" + uid, arrived, arrived))
+        node.worklist.upsert(
+            conn, study_uid=uid, study_key="s-" + uid, urgency=urgency, status="processed",
+            reason=None, rule="r", detectors=["d"],
+            findings=[FindingSummary("d", "hemorrhage", 0.9, 12.0)]
+            if urgency is Urgency.CRITICAL else [],
+            arrived_at=arrived, last_received=arrived, completed_at=arrived)
+
+
+def test_worklist_needs_the_configured_token(node: Node) -> None:
+    _add(node, "1.2", Urgency.CRITICAL, time.time())
+    client = TestClient(create_app(node))
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/api/worklist").status_code == 401
+    bad = client.get("/api/worklist", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.json()["detail"] == "invalid bearer token"
+    ok = client.get("/api/worklist", headers=AUTH)
+    assert ok.status_code == 200
+    item = ok.json()[0]
+    assert item["study_instance_uid"] == "1.2" and item["urgency"] == "critical"
+    assert item["rule"] == "r"
+    assert item["findings"][0] == {"detector": "d", "label": "hemorrhage", "score": 0.9,
+                                   "volume_ml": 12.0}
+
+
+def test_without_a_configured_token_everything_is_refused(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIAGE_NODE_API_TOKEN")
+    client = TestClient(create_app(node))
+    r = client.get("/api/worklist", headers=AUTH)
+    assert r.status_code == 401 and "TRIAGE_NODE_API_TOKEN" in r.json()["detail"]
+
+
+def test_rules_listing_reload_and_rejection(node: Node, tmp_path: Path) -> None:
+    client = TestClient(create_app(node))
+    listing = client.get("/api/rules", headers=AUTH).json()
+    assert [r["name"] for r in listing["rules"]] == ["qa"]
+    assert listing["rules"][0]["matches"] == 0 and listing["rules"][0]["ignore"] is True
+    assert listing["rules"][0]["when"] == {"source": "calling_ae", "equals": "QA"}
+
+    (tmp_path / "rules.yaml").write_text(RULES.replace("name: qa", "name: qa2"))
+    assert client.post("/api/rules/reload", headers=AUTH).json() == {"reloaded": True,
+                                                                     "rules": 1}
+    assert client.get("/api/rules", headers=AUTH).json()["rules"][0]["name"] == "qa2"
+
+    (tmp_path / "rules.yaml").write_text(RULES.replace("equals: QA", "equalz: QA"))
+    refused = client.post("/api/rules/reload", headers=AUTH)
+    assert refused.status_code == 422
+    errors = refused.json()["detail"]["errors"]
+    assert any("rule 'qa'" in e and "when.equalz: unknown key" in e for e in errors)
+    after = client.get("/api/rules", headers=AUTH).json()
+    assert after["rules"][0]["name"] == "qa2"  # the old rules stay in force
+    assert "equalz" in after["last_reload_error"]
+
+
+def test_explain_validates_its_request(node: Node) -> None:
+    client = TestClient(create_app(node))
+    assert client.post("/api/rules/explain", headers=AUTH, json={}).status_code == 422
+    missing = client.post("/api/rules/explain", headers=AUTH,
+                          json={"study_instance_uid": "1.2.3"})
+    assert missing.status_code == 404 and "not known" in missing.json()["detail"]

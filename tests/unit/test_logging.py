@@ -1,0 +1,38 @@
+"""The log allow-list: patient data bound by mistake never reaches the output."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from triage_node.logging import configure_logging, get_logger
+
+SENTINELS = {
+    "patient_name": "SENTINEL^NAME^LOGTEST",
+    "patient_id": "SENTINEL-ID-778899",
+    "accession_number": "SENTINELACC42",
+    "study_instance_uid": "1.2.826.0.1.3680043.99999.424242",
+}
+
+
+def test_unlisted_keys_are_dropped_and_named() -> None:
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream)
+    get_logger("t").info("study received", study_key="s-abc", stage="receive", **SENTINELS)
+    line = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert line["study_key"] == "s-abc"
+    assert line["event"] == "study received"
+    text = stream.getvalue()
+    for value in SENTINELS.values():
+        assert value not in text
+    assert sorted(line["dropped_keys"]) == sorted(SENTINELS)
+
+
+def test_stdlib_loggers_pass_through_the_same_filter() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    logging.getLogger("thirdparty").warning("hello", extra={"patient_id": "SENTINEL-ID-1"})
+    text = stream.getvalue()
+    assert "hello" in text
+    assert "SENTINEL-ID-1" not in text

@@ -1,0 +1,108 @@
+"""Spool durability rules and the instance index, on real DICOM files from pydicom."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from triage_node.errors import InvalidDicomError, UnusableDicomError
+from triage_node.spool.index import InstanceIndex, Source, read_header
+from triage_node.spool.store import Spool
+from triage_node.state.db import Database
+from triage_node.state.keys import KeyMaker
+
+SRC = Source(calling_ae="PACS", called_ae="TRIAGE", host="127.0.0.1")
+
+
+def _ct_path() -> Path:
+    path = get_testdata_file("CT_small.dcm", download=False)
+    assert isinstance(path, str)
+    return Path(path)
+
+
+def _ct_bytes() -> bytes:
+    return _ct_path().read_bytes()
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> InstanceIndex:
+    return InstanceIndex(Database(tmp_path / "state.sqlite3"), KeyMaker(b"test-secret"))
+
+
+def test_header_reads_uids_and_attributes() -> None:
+    header = read_header(_ct_bytes())
+    ds = pydicom.dcmread(_ct_path())
+    assert header.study_uid == ds.StudyInstanceUID
+    assert header.modality == "CT"
+    assert header.attributes["Modality"] == "CT"
+    assert "PixelData" not in header.attributes
+
+
+def test_garbage_is_invalid_and_missing_uid_is_unusable(tmp_path: Path) -> None:
+    with pytest.raises(InvalidDicomError):
+        read_header(b"\x00" * 10)
+    ds = pydicom.dcmread(_ct_path())
+    del ds.SeriesInstanceUID
+    out = tmp_path / "x.dcm"
+    ds.save_as(out)
+    with pytest.raises(UnusableDicomError, match="SeriesInstanceUID"):
+        read_header(out.read_bytes())
+
+
+def test_spool_writes_exact_bytes_and_detects_resend(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = _ct_bytes()
+    first = spool.store("s-1", "1.2.3", data)
+    assert spool.path_of(first.relative_path).read_bytes() == data
+    assert not first.already_present
+    again = spool.store("s-1", "1.2.3", data)
+    assert again.already_present and again.relative_path == first.relative_path
+    assert not list((tmp_path / "spool" / "studies" / "s-1").glob(".*.tmp"))
+    assert "1.2.3" not in first.relative_path  # file names carry hashes, not UIDs
+
+
+def test_quarantine_keeps_bytes_and_reason(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    path = spool.quarantine(b"DICM?", "missing required attribute(s): SOPInstanceUID",
+                            {"calling_ae": "PACS"})
+    assert path.read_bytes() == b"DICM?"
+    reason = json.loads(path.with_suffix(".reason.json").read_text())
+    assert reason["reason"].startswith("missing required")
+    assert reason["calling_ae"] == "PACS"
+
+
+def test_index_records_duplicates_changes_and_reopen(index: InstanceIndex,
+                                                     tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = _ct_bytes()
+    header = read_header(data)
+    key = index.keys.study_key(header.study_uid)
+    first = index.record(header, spool.store(key, header.sop_instance_uid, data), SRC)
+    assert first.new_instance and not first.replaced and not first.reopened
+    dup = index.record(header, spool.store(key, header.sop_instance_uid, data), SRC)
+    assert not dup.new_instance
+    changed = data[:-2] + b"\x01\x02"
+    outcome = index.record(header, spool.store(key, header.sop_instance_uid, changed), SRC)
+    assert outcome.replaced
+    rows = index.db.query("SELECT instance_count FROM series")
+    assert rows[0]["instance_count"] == 1  # the same instance, newer bytes
+    index.db.connection().execute("UPDATE studies SET status='processed'")
+    other = changed[:-2] + b"\x03\x04"
+    late = index.record(header, spool.store(key, header.sop_instance_uid, other), SRC)
+    assert late.reopened
+    study = index.db.query("SELECT status, generation FROM studies")[0]
+    assert (study["status"], study["generation"]) == ("receiving", 1)
+    # both earlier versions are still in the spool: nothing accepted is lost
+    assert len(list((tmp_path / "spool" / "studies" / key).glob("*.dcm"))) == 3
+
+
+def test_keys_are_stable_and_opaque(tmp_path: Path) -> None:
+    a = KeyMaker.for_data_dir(tmp_path)
+    b = KeyMaker.for_data_dir(tmp_path)
+    assert a.study_key("1.2.3") == b.study_key("1.2.3")
+    assert a.study_key("1.2.3") != KeyMaker(b"other").study_key("1.2.3")
+    assert "1.2.3" not in a.study_key("1.2.3")

@@ -1,0 +1,1 @@
+"""Training, evaluation and export of detector engines (never imported by the node)."""

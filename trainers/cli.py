@@ -1,0 +1,156 @@
+"""Command line of the training module.
+
+::
+
+    python -m trainers train ct-head-hemorrhage [--epochs N --seed S --out DIR]
+    python -m trainers export ct-head-hemorrhage [--seed S --out DIR]
+    python -m trainers evaluate ct-head-hemorrhage [--engine-dir DIR --cases 50]
+    python -m trainers card ct-head-hemorrhage [--engine-dir DIR --out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from trainers.recipes import RECIPES, DetectorRecipe, get_recipe
+from triage_node.detectors.segmentation import DEFAULT_CRITICAL_VOLUME_ML
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _engine_dir(recipe: DetectorRecipe, given: Path | None) -> Path:
+    return given if given is not None else REPO_ROOT / "fixtures" / "engines" / recipe.name
+
+
+def _run_dir(recipe: DetectorRecipe, seed: int, given: Path | None) -> Path:
+    return (
+        given
+        if given is not None
+        else REPO_ROOT / "trainers" / "runs" / f"{recipe.name}-seed{seed}"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainers", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("detector", choices=sorted(RECIPES), help="detector recipe name")
+        p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+
+    train = sub.add_parser("train", help="train, then export the engine")
+    common(train)
+    train.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--out", type=Path, default=None, help="engine folder (default fixtures/engines/NAME)"
+    )
+    train.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="checkpoints and data cache (default trainers/runs/NAME-seedS)",
+    )
+    train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    train.add_argument("--no-export", action="store_true", help="stop after training")
+
+    export = sub.add_parser("export", help="re-export the engine from the last checkpoint")
+    common(export)
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--out", type=Path, default=None)
+    export.add_argument("--run-dir", type=Path, default=None)
+
+    evaluate = sub.add_parser("evaluate", help="held-out evaluation with the node's detector")
+    common(evaluate)
+    evaluate.add_argument("--engine-dir", type=Path, default=None)
+    evaluate.add_argument("--seed", type=int, default=0, help="held-out phantom seed")
+    evaluate.add_argument("--cases", type=int, default=None, help="default: the recipe's (50)")
+    evaluate.add_argument("--critical-volume-ml", type=float, default=DEFAULT_CRITICAL_VOLUME_ML)
+
+    card = sub.add_parser("card", help="write docs/detectors/NAME.md from the evaluation")
+    common(card)
+    card.add_argument("--engine-dir", type=Path, default=None)
+    card.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    recipe = get_recipe(args.detector)
+    console = Console()
+    torch.set_num_threads(args.threads)
+
+    if args.command == "train":
+        from trainers.export import export_engine
+        from trainers.train import train
+
+        epochs = args.epochs if args.epochs is not None else recipe.training.epochs
+        run_dir = _run_dir(recipe, args.seed, args.run_dir)
+        started = time.perf_counter()
+        checkpoint = train(
+            recipe,
+            seed=args.seed,
+            epochs=epochs,
+            run_dir=run_dir,
+            threads=args.threads,
+            fresh=args.fresh,
+            console=console,
+        )
+        console.log(f"training finished in {(time.perf_counter() - started) / 60:.1f} min")
+        if not args.no_export:
+            manifest = export_engine(
+                recipe, checkpoint, _engine_dir(recipe, args.out), seed=args.seed
+            )
+            console.log(f"engine written: {manifest}")
+        return 0
+
+    if args.command == "export":
+        from trainers.export import export_engine
+        from trainers.train import CHECKPOINT
+
+        checkpoint = _run_dir(recipe, args.seed, args.run_dir) / CHECKPOINT
+        manifest = export_engine(recipe, checkpoint, _engine_dir(recipe, args.out), seed=args.seed)
+        console.log(f"engine written: {manifest}")
+        return 0
+
+    if args.command == "evaluate":
+        from trainers.evaluate import EVALUATION_FILE, evaluate
+
+        engine_dir = _engine_dir(recipe, args.engine_dir)
+        report = evaluate(
+            recipe,
+            engine_dir,
+            seed=args.seed,
+            threads=args.threads,
+            critical_volume_ml=args.critical_volume_ml,
+            cases=args.cases,
+            console=console,
+        )
+        m = report["metrics"]
+        console.log(
+            f"sensitivity (≥{m['sensitivity_min_ml']:g} mL) "
+            f"{m['sensitivity_critical_ge_min_ml']['value']} "
+            f"({m['sensitivity_critical_ge_min_ml']['successes']}/"
+            f"{m['sensitivity_critical_ge_min_ml']['n']}), specificity "
+            f"{m['specificity_critical']['value']} ({m['specificity_critical']['successes']}/"
+            f"{m['specificity_critical']['n']}), Dice mean {m['dice_positives']['mean']} "
+            f"median {m['dice_positives']['median']}; recommended critical volume "
+            f"{report['recommended_critical_volume_ml']} mL → {engine_dir / EVALUATION_FILE}"
+        )
+        return 0
+
+    if args.command == "card":
+        from trainers.card import write_card
+
+        out = args.out or REPO_ROOT / "docs" / "detectors" / f"{recipe.name}.md"
+        write_card(recipe, _engine_dir(recipe, args.engine_dir), out)
+        console.log(f"model card written: {out}")
+        return 0
+    return 2

@@ -1,0 +1,274 @@
+"""Held-out evaluation with the node's own ``SegmentationDetector`` on the exported engine.
+
+Phantoms come from the ``test`` split (disjoint from training by construction), on realistic
+acquisition grids — not the network grid — so the whole serving path is measured:
+preprocessing, ONNX Runtime, resampling back, thresholds and the critical flag.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trainers.data import evaluation_cases
+from trainers.export import write_manifest
+from trainers.recipes import DetectorRecipe
+from triage_node.detectors.findings import Urgency
+from triage_node.detectors.manifest import load_manifest
+from triage_node.detectors.segmentation import SegmentationDetector
+from triage_node.imaging.volume import Volume
+
+EVALUATION_FILE = "evaluation.json"
+#: Size bins (mL) for per-size detection rates.
+SIZE_BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 20.0), (20.0, math.inf))
+
+
+def _wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a proportion (honest with small counts and 0/n, n/n)."""
+    if n == 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def _rate(successes: int, n: int) -> dict[str, Any]:
+    return {
+        "value": round(successes / n, 4) if n else None,
+        "successes": successes,
+        "n": n,
+        "ci95": _wilson(successes, n),
+    }
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    total = int(pred.sum()) + int(truth.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(pred & truth)) / total
+
+
+def _phantom_volume(hu: np.ndarray, info: dict[str, Any], index: int) -> Volume:
+    # Synthetic, non-identifying UIDs under the 2.25 (UUID-derived) root.
+    return Volume(
+        array=hu,
+        spacing=tuple(info["spacing"]),
+        origin=tuple(info["origin"]),
+        orientation=tuple(info["orientation"]),
+        modality="CT",
+        study_instance_uid=f"2.25.{1000 + index}",
+        series_instance_uid=f"2.25.{2000 + index}",
+        source_datasets=[],
+    )
+
+
+def summarise(
+    rows: list[dict[str, Any]], recipe: DetectorRecipe, critical_volume_ml: float
+) -> dict[str, Any]:
+    """Metrics from per-case rows (also used to re-derive them for other critical volumes)."""
+    spec = recipe.evaluation
+    positives = [r for r in rows if r["true_ml"] > 0]
+    normals = [r for r in rows if r["true_ml"] == 0]
+    large = [r for r in positives if r["true_ml"] >= spec.sensitivity_min_ml]
+
+    def flagged(r: dict[str, Any], v: float) -> bool:
+        return bool(r["pred_ml"] > 0 and r["pred_ml"] >= v)
+
+    dices = [r["dice"] for r in positives]
+    detected = [r for r in positives if r["pred_ml"] > 0]
+    rel_err = [(r["pred_ml"] - r["true_ml"]) / r["true_ml"] for r in detected]
+    by_size = {}
+    for lo, hi in SIZE_BINS:
+        group = [r for r in positives if lo <= r["true_ml"] < hi]
+        key = f"{lo:g}-{hi:g} mL" if math.isfinite(hi) else f">={lo:g} mL"
+        by_size[key] = {
+            "detected": _rate(sum(1 for r in group if r["pred_ml"] > 0), len(group)),
+            "critical": _rate(sum(1 for r in group if flagged(r, critical_volume_ml)), len(group)),
+            "dice_mean": round(float(np.mean([r["dice"] for r in group])), 4) if group else None,
+        }
+    by_kind = {}
+    for kind in sorted({r["kind"] for r in positives}):
+        group = [r for r in positives if r["kind"] == kind]
+        by_kind[kind] = {
+            "n": len(group),
+            "detected": sum(1 for r in group if r["pred_ml"] > 0),
+            "dice_mean": round(float(np.mean([r["dice"] for r in group])), 4),
+        }
+    sweep = []
+    for v in spec.critical_sweep_ml:
+        sweep.append(
+            {
+                "critical_volume_ml": v,
+                "sensitivity_ge_min_ml": _rate(sum(flagged(r, v) for r in large), len(large)),
+                "sensitivity_all_bleeds": _rate(
+                    sum(flagged(r, v) for r in positives), len(positives)
+                ),
+                "specificity": _rate(sum(not flagged(r, v) for r in normals), len(normals)),
+            }
+        )
+    return {
+        "critical_volume_ml": critical_volume_ml,
+        "counts": {"cases": len(rows), "bleeds": len(positives), "normals": len(normals)},
+        "sensitivity_critical_ge_min_ml": _rate(
+            sum(flagged(r, critical_volume_ml) for r in large), len(large)
+        ),
+        "sensitivity_min_ml": spec.sensitivity_min_ml,
+        "detection_sensitivity_all_bleeds": _rate(len(detected), len(positives)),
+        "specificity_critical": _rate(
+            sum(not flagged(r, critical_volume_ml) for r in normals), len(normals)
+        ),
+        "normals_without_any_finding": _rate(
+            sum(1 for r in normals if r["pred_ml"] == 0), len(normals)
+        ),
+        "dice_positives": {
+            "mean": round(float(np.mean(dices)), 4) if dices else None,
+            "median": round(float(np.median(dices)), 4) if dices else None,
+            "min": round(float(np.min(dices)), 4) if dices else None,
+            "n": len(dices),
+        },
+        "volume_error_detected": {
+            "median_relative": round(float(np.median(rel_err)), 4) if rel_err else None,
+            "mean_absolute_relative": (
+                round(float(np.mean(np.abs(rel_err))), 4) if rel_err else None
+            ),
+            "max_absolute_relative": round(float(np.max(np.abs(rel_err))), 4) if rel_err else None,
+            "n": len(rel_err),
+        },
+        "false_positive_ml_on_normals": {
+            "max": round(max((r["pred_ml"] for r in normals), default=0.0), 4),
+        },
+        "by_size": by_size,
+        "by_kind": by_kind,
+        "critical_volume_sweep": sweep,
+    }
+
+
+def recommend_critical_volume(metrics: dict[str, Any], target_specificity: float = 0.95) -> float:
+    """Smallest swept critical volume whose specificity meets the target (≥ 0.5 mL).
+
+    Any acute bleed matters, so the flag should fire as early as the false alarms allow;
+    below 0.5 mL the held-out set has no bleeds, so nothing supports a smaller value.
+    """
+    for row in metrics["critical_volume_sweep"]:
+        v = float(row["critical_volume_ml"])
+        spec = row["specificity"]["value"]
+        if v >= 0.5 and spec is not None and spec >= target_specificity:
+            return v
+    return float(metrics["critical_volume_sweep"][-1]["critical_volume_ml"])
+
+
+def evaluate(
+    recipe: DetectorRecipe,
+    engine_dir: Path,
+    *,
+    seed: int,
+    threads: int,
+    critical_volume_ml: float,
+    cases: int | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the detector on the held-out phantoms; write and return the evaluation JSON."""
+    console = console or Console()
+    detector = SegmentationDetector(
+        engine_dir / "manifest.json", threads=threads, critical_volume_ml=critical_volume_ml
+    )
+    specs = evaluation_cases(recipe, seed)
+    if cases is not None:
+        # Keep the bleed/normal balance when asked for fewer cases.
+        bleeds = [c for c in specs if c.bleed_ml is not None][: (cases + 1) // 2]
+        normals = [c for c in specs if c.bleed_ml is None][: cases // 2]
+        specs = bleeds + normals
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]evaluating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("eval", total=len(specs))
+        for case in specs:
+            hu, truth, info = case.generate()
+            volume = _phantom_volume(hu, info, case.index)
+            result = detector.run(volume)
+            pred = np.zeros(truth.shape, bool)
+            for finding in result.findings:
+                if finding.mask is not None:
+                    pred |= finding.mask
+            pred_ml = float(np.count_nonzero(pred)) * volume.voxel_volume_ml
+            rows.append(
+                {
+                    "index": case.index,
+                    "kind": info["bleed_kind"] or "normal",
+                    "requested_ml": case.bleed_ml,
+                    "true_ml": round(float(info["bleed_ml"]), 4),
+                    "pred_ml": round(pred_ml, 4),
+                    "dice": round(_dice(pred, truth), 4) if truth.any() else None,
+                    "score": round(max((f.score for f in result.findings), default=0.0), 4),
+                    "urgency": result.urgency.value,
+                    "critical": result.urgency == Urgency.CRITICAL,
+                    "decoys": info["decoys"],
+                    "shape": list(case.shape),
+                    "spacing": list(case.spacing),
+                    "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
+                }
+            )
+            for k, v in result.timings_s.items():
+                timings.setdefault(k, []).append(v)
+            progress.advance(task)
+    metrics = summarise(rows, recipe, critical_volume_ml)
+    report: dict[str, Any] = {
+        "detector": detector.name,
+        "version": detector.version,
+        "engine_sha256": detector.manifest.engine.sha256,
+        "seed": seed,
+        "split": "test (SeedSequence entropy word 3; training uses 1, validation 2)",
+        "grids": [{"shape": list(s), "spacing": list(d)} for s, d in recipe.evaluation.grids],
+        "threads": threads,
+        "probability_threshold": detector.manifest.probability_threshold,
+        "min_component_ml": detector.manifest.min_component_ml,
+        "metrics": metrics,
+        "recommended_critical_volume_ml": recommend_critical_volume(metrics),
+        "timings_s": {
+            k: {"mean": round(float(np.mean(v)), 4), "max": round(float(np.max(v)), 4)}
+            for k, v in timings.items()
+        },
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "cases": rows,
+    }
+    out = engine_dir / EVALUATION_FILE
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    _record_in_manifest(engine_dir / "manifest.json", report)
+    return report
+
+
+def _record_in_manifest(manifest_path: Path, report: dict[str, Any]) -> None:
+    """Copy the headline held-out figures into the manifest's training provenance."""
+    manifest = load_manifest(manifest_path, verify=True)
+    m = report["metrics"]
+    summary = {
+        "file": EVALUATION_FILE,
+        "cases": m["counts"],
+        "sensitivity_critical_ge_min_ml": m["sensitivity_critical_ge_min_ml"]["value"],
+        "specificity_critical": m["specificity_critical"]["value"],
+        "dice_mean": m["dice_positives"]["mean"],
+        "dice_median": m["dice_positives"]["median"],
+        "critical_volume_ml": m["critical_volume_ml"],
+        "recommended_critical_volume_ml": report["recommended_critical_volume_ml"],
+    }
+    training = {**manifest.training, "evaluation": summary}
+    write_manifest(manifest.model_copy(update={"training": training}), manifest_path)

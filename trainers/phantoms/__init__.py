@@ -1,0 +1,1 @@
+"""Procedural CT phantoms for training and testing detectors (no patient data)."""

@@ -1,0 +1,53 @@
+"""Volumes with geometry: what the imaging stage hands to detectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A scalar image volume in the DICOM patient coordinate system (LPS).
+
+    ``array`` is indexed ``[slice, row, column]`` (z, y, x) and holds modality values
+    (Hounsfield units for CT, after Rescale Slope/Intercept). ``source_datasets`` are the
+    instances in the same slice order as ``array`` (PS3.3 C.7.6.2: slices sorted along the
+    normal of Image Orientation (Patient)); results reference them.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    """(slice spacing, row spacing, column spacing) in mm, matching the array axes."""
+    origin: tuple[float, float, float]
+    """Image Position (Patient) of the first slice, mm."""
+    orientation: tuple[float, float, float, float, float, float]
+    """Image Orientation (Patient): row direction cosines then column direction cosines."""
+    modality: str
+    study_instance_uid: str
+    series_instance_uid: str
+    source_datasets: list[Dataset] = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.array.shape
+        return (int(z), int(y), int(x))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (1 mL = 1000 mm³)."""
+        dz, dy, dx = self.spacing
+        return dz * dy * dx / 1000.0
+
+    def voxel_to_patient(self, zyx: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Map a (z, y, x) voxel index (fractional allowed) to patient coordinates in mm."""
+        row_dir = np.asarray(self.orientation[:3], dtype=float)
+        col_dir = np.asarray(self.orientation[3:], dtype=float)
+        normal = np.cross(row_dir, col_dir)
+        z, y, x = zyx
+        dz, dy, dx = self.spacing
+        # Column index x moves along the row direction, row index y along the column direction.
+        p = np.asarray(self.origin) + x * dx * row_dir + y * dy * col_dir + z * dz * normal
+        return (float(p[0]), float(p[1]), float(p[2]))

@@ -1,0 +1,91 @@
+"""Structured logging without patient data.
+
+Every log event goes through :func:`drop_unlisted_keys`, a structlog processor that keeps only
+keys on an allow-list. Patient names, IDs, accession numbers and raw UIDs therefore never reach
+a log even if a caller binds them by mistake: the dropped keys are named (not their values) so
+the mistake is visible. Studies are referred to by ``study_key``, an opaque id the node assigns.
+pynetdicom's own identifier logging is switched off in :mod:`triage_node.receive.scp`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+ALLOWED_KEYS: frozenset[str] = frozenset(
+    {
+        # structlog / stdlib plumbing
+        "event", "level", "timestamp", "logger", "exc_info", "exception", "stack",
+        # our context
+        "stage", "study_key", "series_key", "job_id", "detector", "version", "engine",
+        "outbox_id", "destination", "attempt", "next_attempt_s", "retryable",
+        "status", "status_hex", "reason", "error", "error_kind",
+        "modality", "sop_class", "transfer_syntax", "instances", "series", "bytes",
+        "urgency", "findings", "volume_ml", "score", "rule", "rules", "priority",
+        "duration_s", "timings_s", "quiet_s", "count", "port", "host", "url", "ae_title",
+        "calling_ae", "called_ae", "peer_host", "path", "config", "objects", "kind",
+        "items", "threads", "providers", "dropped_keys",
+    }
+)
+"""Keys a log event may carry. Values of these keys must never be patient data."""
+
+
+def drop_unlisted_keys(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: remove every key not on :data:`ALLOWED_KEYS`."""
+    dropped = sorted(k for k in event_dict if k not in ALLOWED_KEYS)
+    for key in dropped:
+        del event_dict[key]
+    if dropped:
+        event_dict["dropped_keys"] = dropped
+    return event_dict
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog for JSON lines on ``stream`` (stderr by default).
+
+    Standard-library loggers (pynetdicom, apscheduler, uvicorn) are routed through the same
+    processors, so their records are filtered by the allow-list too.
+    """
+    out = stream or sys.stderr
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            drop_unlisted_keys,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Third-party loggers that print identifiers or are chatty at INFO.
+    for name in ("pynetdicom", "apscheduler", "uvicorn.access", "httpx", "highdicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

@@ -1,0 +1,206 @@
+"""The node: wires the stages together and runs them (receiver, scheduler, workers)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC
+from pathlib import Path
+from urllib.parse import urlparse
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.dataset import Dataset
+
+from triage_node.assembly.assembler import StudyAssembler
+from triage_node.config.loader import load_detector_configs
+from triage_node.config.models import NodeConfig
+from triage_node.deliver.folder import FolderDestination
+from triage_node.deliver.orthanc import OrthancDestination
+from triage_node.deliver.outbox import Destination, Outbox
+from triage_node.detectors.findings import DetectorResult
+from triage_node.detectors.manifest import Manifest
+from triage_node.detectors.segmentation import SegmentationDetector
+from triage_node.errors import InvalidDicomError
+from triage_node.imaging.volume import Volume
+from triage_node.logging import get_logger
+from triage_node.pipeline.jobs import JobQueue
+from triage_node.pipeline.processor import DetectorRuntime, StudyProcessor
+from triage_node.pipeline.worker import Worker
+from triage_node.receive.dicomweb import DicomWebSource
+from triage_node.receive.scp import DicomReceiver
+from triage_node.results import AlgorithmInfo, DeviceInfo, encode_results
+from triage_node.routing.context import context_from_headers, study_context
+from triage_node.routing.explain import (
+    DetectorSeriesSpec,
+    Explanation,
+    explain,
+    headers_from_metadata,
+)
+from triage_node.routing.reloader import RulesHolder
+from triage_node.routing.selection import SeriesSelection
+from triage_node.spool.index import InstanceIndex, Source, read_header
+from triage_node.spool.store import Spool
+from triage_node.state.db import Database
+from triage_node.state.keys import KeyMaker
+from triage_node.worklist.store import WorklistStore
+
+log = get_logger(__name__)
+
+
+class ResultWriter:
+    """Encodes results as this node (its Device Serial Number) for each detector's manifest."""
+
+    def __init__(self, node_id: str) -> None:
+        self.device = DeviceInfo(serial_number=node_id)
+        self._algorithms: dict[tuple[str, str], AlgorithmInfo] = {}
+
+    def __call__(self, volume: Volume, result: DetectorResult,
+                 manifest: Manifest) -> list[Dataset]:
+        key = (manifest.name, manifest.version)
+        if key not in self._algorithms:
+            self._algorithms[key] = AlgorithmInfo.from_manifest(manifest, self.device)
+        return encode_results(volume, result, self._algorithms[key])
+
+
+class Node:
+    """One triage node: everything is loaded and validated here, before anything listens."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        data_dir = config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(data_dir / "state.sqlite3")
+        self.keys = KeyMaker.for_data_dir(data_dir)
+        self.spool = Spool(data_dir / "spool")
+        self.results_root = data_dir / "results"
+        self.index = InstanceIndex(self.db, self.keys)
+
+        detector_configs = load_detector_configs(config.detectors_dir)
+        self.detectors: dict[str, DetectorRuntime] = {
+            name: SegmentationDetector(
+                cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
+                critical_volume_ml=cfg.critical_volume_ml)
+            for name, cfg in detector_configs.items() if cfg.enabled
+        }
+        self.selections = {name: cfg.series for name, cfg in detector_configs.items()}
+        self.rules = RulesHolder(config.rules_file, known_detectors=set(self.detectors),
+                                 known_destinations=set(config.destinations))
+
+        self.worklist = WorklistStore(self.db)
+        self.jobs = JobQueue(self.db)
+        self.destinations: dict[str, Destination] = {
+            name: (OrthancDestination(config.orthanc) if dest.kind == "orthanc"
+                   else FolderDestination(name, dest.path or Path(name)))
+            for name, dest in config.destinations.items()
+        }
+        self.outbox = Outbox(self.db, self.results_root, self.destinations, config.delivery,
+                             self.worklist)
+        self.processor = StudyProcessor(
+            db=self.db, spool=self.spool, results_root=self.results_root,
+            router=lambda: self.rules.router, detectors=self.detectors,
+            selections=self.selections, encode=ResultWriter(config.node_id),
+            outbox=self.outbox, default_destinations=list(config.default_destinations),
+            worklist=self.worklist, jobs=self.jobs)
+        self.assembler = StudyAssembler(self.db, config.assembly, self.jobs, self._priority_of)
+        self.receiver = DicomReceiver(config.dicom, self.spool, self.index)
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.workers = [Worker(f"worker-{i}", self.jobs, self.processor)
+                        for i in range(config.workers)]
+
+    def _priority_of(self, study_uid: str) -> int:
+        return self.processor.route(study_uid).priority.rank
+
+    def start(self) -> None:
+        requeued = self.jobs.requeue_interrupted()
+        if requeued:
+            log.warning("requeued jobs interrupted by a stop", stage="process", count=requeued)
+        self.receiver.start()
+        self.scheduler.add_job(
+            self.assembler.sweep, "interval", id="assembly-sweep",
+            seconds=self.config.assembly.sweep_interval_seconds,
+            max_instances=1, coalesce=True, misfire_grace_time=None)
+        self.scheduler.add_job(
+            self.outbox.deliver_due, "interval", id="outbox-delivery",
+            seconds=self.config.delivery.poll_interval_seconds,
+            max_instances=1, coalesce=True, misfire_grace_time=None)
+        if self.config.rules_watch_seconds > 0:
+            self.scheduler.add_job(
+                self.rules.check_for_change, "interval", id="rules-watch",
+                seconds=self.config.rules_watch_seconds, max_instances=1, coalesce=True)
+        self.scheduler.start()
+        for worker in self.workers:
+            worker.start()
+        log.info("node started", stage="node", port=self.receiver.port,
+                 count=len(self.detectors))
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        for worker in self.workers:
+            worker.stop()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        for worker in self.workers:
+            worker.join(timeout=60)
+        for destination in self.destinations.values():
+            close = getattr(destination, "close", None)
+            if close is not None:
+                close()
+        self.db.close()
+        log.info("node stopped", stage="node")
+
+    # --- admin operations used by the API ---------------------------------------------------
+
+    def _dicomweb(self) -> DicomWebSource:
+        cfg = self.config.orthanc
+        user = os.environ.get(cfg.username_env)
+        password = os.environ.get(cfg.password_env)
+        return DicomWebSource(cfg.url, auth=(user, password) if user and password else None,
+                              timeout=cfg.timeout_seconds)
+
+    def detector_specs(self) -> dict[str, DetectorSeriesSpec]:
+        return {name: DetectorSeriesSpec(self.selections.get(name, SeriesSelection()),
+                                         det.manifest.modalities)
+                for name, det in self.detectors.items()}
+
+    def explain(self, *, study_uid: str | None = None,
+                orthanc_study: str | None = None) -> Explanation:
+        """Explain routing for a study the node holds, or one fetched from Orthanc."""
+        router = self.rules.router
+        if study_uid is not None:
+            ctx = study_context(self.db, study_uid, with_instances=True)
+        elif orthanc_study is not None:
+            source = self._dicomweb()
+            try:
+                uid = source.resolve_study_uid(orthanc_study)
+                headers = headers_from_metadata(source.metadata(uid))
+            finally:
+                source.close()
+            ctx = context_from_headers(headers, Source(), self.keys)
+        else:
+            raise ValueError("give study_uid or orthanc_study")
+        return explain(router, ctx, self.detector_specs())
+
+    def process_orthanc_study(self, orthanc_study: str) -> dict[str, object]:
+        """Fetch a study from Orthanc (WADO-RS), spool it and process it again now."""
+        source = self._dicomweb()
+        try:
+            uid = source.resolve_study_uid(orthanc_study)
+            instances = source.instances(uid)
+        finally:
+            source.close()
+        origin = Source(calling_ae="DICOMWEB", called_ae=self.config.dicom.ae_title,
+                        host=urlparse(self.config.orthanc.url).hostname or "")
+        stored = 0
+        for data in instances:
+            header = read_header(data)
+            if header.study_uid != uid:
+                raise InvalidDicomError("the archive returned an instance of another study")
+            spooled = self.spool.store(self.keys.study_key(uid), header.sop_instance_uid, data)
+            stored += int(self.index.record(header, spooled, origin).new_instance)
+        generation = self.assembler.force_complete(uid)
+        return {"study_key": self.keys.study_key(uid), "instances": len(instances),
+                "new_instances": stored, "generation": generation}
+
+    def rule_stats(self) -> dict[str, dict[str, object]]:
+        rows = self.db.query("SELECT rule, matches, last_matched_at FROM rule_stats")
+        return {r["rule"]: {"matches": r["matches"], "last_matched_at": r["last_matched_at"]}
+                for r in rows}

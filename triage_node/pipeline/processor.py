@@ -1,0 +1,199 @@
+"""Processing one complete study: routing → imaging → detectors → results → outbox → worklist.
+
+Each step's duration is measured and logged in one summary line per study. Everything the
+step writes for the study (result files, outbox entries, worklist item, job state) is committed
+in one transaction after the result files are durable, so a crash repeats the study at worst.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+
+from triage_node.deliver.outbox import Outbox, OutboxEntry
+from triage_node.detectors.findings import DetectorResult, Urgency
+from triage_node.detectors.manifest import Manifest
+from triage_node.errors import TriageError
+from triage_node.imaging.loader import load_series
+from triage_node.imaging.volume import Volume
+from triage_node.logging import get_logger
+from triage_node.pipeline.jobs import Job, JobQueue
+from triage_node.routing.context import study_context
+from triage_node.routing.rules import Decision, Router
+from triage_node.routing.selection import SeriesSelection, select_series, why_none
+from triage_node.spool.store import Spool, write_durably
+from triage_node.state.db import Database
+from triage_node.worklist.store import FindingSummary, WorklistStore
+
+log = get_logger(__name__)
+
+
+class DetectorRuntime(Protocol):
+    manifest: Manifest
+
+    def run(self, volume: Volume) -> DetectorResult: ...
+
+
+ResultEncoder = Callable[[Volume, DetectorResult, Manifest], list[Dataset]]
+
+
+@dataclass
+class StudyOutcome:
+    urgency: Urgency
+    status: str
+    reason: str | None
+    detectors: list[str]
+    findings: list[FindingSummary]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    objects: list[OutboxEntry] = field(default_factory=list)
+
+
+def _encode_file(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class StudyProcessor:
+    def __init__(self, *, db: Database, spool: Spool, results_root: Path,
+                 router: Callable[[], Router], detectors: dict[str, DetectorRuntime],
+                 selections: dict[str, SeriesSelection], encode: ResultEncoder,
+                 outbox: Outbox, default_destinations: list[str],
+                 worklist: WorklistStore, jobs: JobQueue) -> None:
+        self.db = db
+        self.spool = spool
+        self.results_root = results_root
+        self.router = router
+        self.detectors = detectors
+        self.selections = selections
+        self.encode = encode
+        self.outbox = outbox
+        self.default_destinations = default_destinations
+        self.worklist = worklist
+        self.jobs = jobs
+
+    def _instance_paths(self, series_uid: str) -> list[Path]:
+        rows = self.db.query("SELECT path FROM instances WHERE series_uid=?", (series_uid,))
+        return [self.spool.path_of(r["path"]) for r in rows]
+
+    def route(self, study_uid: str) -> Decision:
+        """Route a study in the database with the rules in force now."""
+        router = self.router()
+        return router.decide(study_context(self.db, study_uid,
+                                           with_instances=router.needs_instances))
+
+    def _write_result(self, study_key: str, ds: Dataset) -> OutboxEntry:
+        kind = str(ds.Modality)
+        sop_uid = str(ds.SOPInstanceUID)
+        name = hashlib.sha1(sop_uid.encode()).hexdigest()
+        relative = f"{study_key}/{kind}-{name}.dcm"
+        write_durably(self.results_root / relative, _encode_file(ds))
+        return OutboxEntry(kind=kind, sop_instance_uid=sop_uid, relative_path=relative)
+
+    def _run(self, job: Job, decision: Decision, timings: dict[str, float]) -> StudyOutcome:
+        if not decision.matched:
+            return StudyOutcome(Urgency.NOT_APPLICABLE, "not-applicable", "no rule matched",
+                                [], [], timings)
+        structlog.contextvars.bind_contextvars(rule=decision.rule)
+        if decision.ignored:
+            return StudyOutcome(Urgency.NOT_APPLICABLE, "not-applicable",
+                                f"ignored by rule {decision.rule}", [], [], timings)
+        results: list[DetectorResult] = []
+        objects: list[OutboxEntry] = []
+        reasons: list[str] = []
+        for name in decision.detectors:
+            detector = self.detectors.get(name)
+            if detector is None:
+                reasons.append(f"{name}: detector not loaded")
+                continue
+            series, verdicts = select_series(
+                decision.matched_series, self.selections.get(name, SeriesSelection()),
+                detector.manifest.modalities)
+            if series is None:
+                reasons.append(f"{name}: {why_none(verdicts)}")
+                continue
+            t = time.perf_counter()
+            volume = load_series(self._instance_paths(series.series_uid))
+            timings[f"{name}.load"] = time.perf_counter() - t
+            t = time.perf_counter()
+            result = detector.run(volume)
+            timings[f"{name}.infer"] = time.perf_counter() - t
+            t = time.perf_counter()
+            datasets = self.encode(volume, result, detector.manifest)
+            timings[f"{name}.encode"] = time.perf_counter() - t
+            t = time.perf_counter()
+            objects.extend(self._write_result(job.study_key, ds) for ds in datasets)
+            timings[f"{name}.write"] = time.perf_counter() - t
+            results.append(result)
+        if not results:
+            return StudyOutcome(Urgency.NOT_APPLICABLE, "not-applicable",
+                                "; ".join(reasons) or "no detector ran", decision.detectors,
+                                [], timings)
+        urgency = min((r.urgency for r in results), key=lambda u: u.rank)
+        findings = [
+            FindingSummary(detector=r.detector, label=f.label, score=f.score,
+                           volume_ml=f.volume_ml)
+            for r in results for f in r.findings
+        ]
+        return StudyOutcome(urgency, "processed", "; ".join(reasons) or None,
+                            [r.detector for r in results], findings, timings, objects)
+
+    def process(self, job: Job) -> StudyOutcome:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(study_key=job.study_key, job_id=job.id,
+                                               stage="process")
+        started = time.perf_counter()
+        study = self.db.query("SELECT * FROM studies WHERE study_uid=?", (job.study_uid,))[0]
+        timings: dict[str, float] = {}
+        decision: Decision | None = None
+        try:
+            t = time.perf_counter()
+            decision = self.route(job.study_uid)
+            timings["route"] = time.perf_counter() - t
+            outcome = self._run(job, decision, timings)
+            error = None
+        except TriageError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            outcome = StudyOutcome(Urgency.FAILED, "failed", error, [], [], timings)
+        destinations = (decision.destinations if decision is not None and
+                        decision.destinations is not None else self.default_destinations)
+        with self.db.transaction() as conn:
+            for destination in destinations if outcome.objects else []:
+                self.outbox.enqueue(conn, job.study_uid, destination, outcome.objects)
+            if decision is not None and decision.rule is not None:
+                conn.execute(
+                    "INSERT INTO rule_stats (rule, matches, last_matched_at) VALUES (?, 1, ?)"
+                    " ON CONFLICT(rule) DO UPDATE SET matches = matches + 1,"
+                    " last_matched_at = excluded.last_matched_at", (decision.rule, time.time()))
+            self.worklist.upsert(
+                conn, study_uid=job.study_uid, study_key=job.study_key,
+                urgency=outcome.urgency, status=outcome.status, reason=outcome.reason,
+                rule=decision.rule if decision is not None else None,
+                detectors=outcome.detectors, findings=outcome.findings,
+                arrived_at=study["first_received"], last_received=study["last_received"],
+                completed_at=study["completed_at"], timings_s=outcome.timings_s)
+            self.jobs.finish(conn, job, error=error)
+            # A late instance may have reopened the study meanwhile: then leave it receiving.
+            conn.execute(
+                "UPDATE studies SET status=?, processed_at=? WHERE study_uid=? AND generation=?"
+                " AND status IN ('complete', 'processing')",
+                ("failed" if error else "processed", time.time(), job.study_uid,
+                 job.generation))
+        total = time.perf_counter() - started
+        log_fn = log.error if error else log.info
+        log_fn("study processed", urgency=str(outcome.urgency), status=outcome.status,
+               reason=outcome.reason if error else None, objects=len(outcome.objects),
+               findings=len(outcome.findings), duration_s=round(total, 3),
+               timings_s={k: round(v, 3) for k, v in outcome.timings_s.items()})
+        structlog.contextvars.clear_contextvars()
+        return outcome

@@ -1,0 +1,141 @@
+"""DICOM-SEG for a detector's masks (Segmentation IOD, PS3.3 A.51; highdicom ``Segmentation``).
+
+One BINARY segment per finding that has a mask (so two separate bleeds tracked as two
+findings are two segments, each with its own Tracking ID/UID, and the SR can give each its
+own volume). Segment Label is the finding label, Segmented Property Category/Type are the
+finding's codes (PS3.3 C.8.20.2, CID 7150/7151), Anatomic Region the finding's region when
+known. The Segment Algorithm is AUTOMATIC with the detector identified in the Algorithm
+Identification Sequence (family "Artificial Intelligence", CID 7162).
+
+The SEG is pixel-aligned with the single-frame CT source: frame k of the mask is derived
+from source instance k; frames without any segmented pixel are omitted (highdicom
+``omit_empty_frames``), which is what keeps a 120-slice study with a 30-slice finding
+small and fast to encode.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+
+from triage_node.detectors.findings import DetectorResult
+from triage_node.errors import EncodingError
+from triage_node.imaging.volume import Volume
+from triage_node.results.content import (
+    check_inputs,
+    coded,
+    encoding_step,
+    finding_mask,
+    segmented_findings,
+    series_description,
+)
+from triage_node.results.device import AlgorithmInfo, EncodeOptions
+from triage_node.results.identity import ResultIdentity, ResultKind
+
+__all__ = ["SegEncoder", "algorithm_identification_sequence"]
+
+_CONTENT_LABEL = "AI_TRIAGE"
+
+
+def algorithm_identification_sequence(
+    algorithm: AlgorithmInfo,
+) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence (PS3.3 Table 10-19) for ``algorithm``."""
+    with encoding_step("Algorithm Identification Sequence"):
+        return hd.AlgorithmIdentificationSequence(
+            name=algorithm.name,
+            family=coded(algorithm.family, "AlgorithmInfo.family"),
+            version=algorithm.version,
+            source=algorithm.source,
+            parameters=dict(algorithm.parameters) or None,
+        )
+
+
+class SegEncoder:
+    """Encode the masks of a ``DetectorResult`` as one DICOM-SEG instance.
+
+    ``encode`` returns ``None`` when no finding has a mask: a SEG needs at least one
+    non-empty segment (PS3.3 C.8.20.2), and a negative study is told by the SR alone.
+    """
+
+    def __init__(self, algorithm: AlgorithmInfo, options: EncodeOptions | None = None) -> None:
+        if not isinstance(algorithm, AlgorithmInfo):
+            raise ValueError("SegEncoder algorithm must be an AlgorithmInfo")
+        self._algorithm = algorithm
+        self._options = options or EncodeOptions()
+
+    def encode(self, volume: Volume, result: DetectorResult) -> hd.seg.Segmentation | None:
+        """Build the SEG of ``result`` over ``volume``'s source series, or ``None``."""
+        check_inputs(volume, result, self._algorithm)
+        findings = segmented_findings(result)
+        if not findings:
+            return None
+        algorithm = self._algorithm
+        device = algorithm.device
+        identity = ResultIdentity(
+            study_instance_uid=volume.study_instance_uid,
+            series_instance_uid=volume.series_instance_uid,
+            detector=algorithm.name,
+            detector_version=algorithm.version,
+            uid_root=self._options.uid_root,
+        )
+        algorithm_id = algorithm_identification_sequence(algorithm)
+
+        descriptions: list[hd.seg.SegmentDescription] = []
+        for number, finding in enumerate(findings, start=1):
+            where = f"SEG segment {number} (finding {finding.tracking_id!r})"
+            with encoding_step(where):
+                descriptions.append(
+                    hd.seg.SegmentDescription(
+                        segment_number=number,
+                        segment_label=finding.label,
+                        segmented_property_category=coded(
+                            finding.category, f"{where}: Finding.category"
+                        ),
+                        segmented_property_type=coded(
+                            finding.finding_type, f"{where}: Finding.finding_type"
+                        ),
+                        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                        algorithm_identification=algorithm_id,
+                        tracking_uid=identity.tracking_uid_for(finding.tracking_id),
+                        tracking_id=finding.tracking_id,
+                        anatomic_regions=(
+                            [coded(finding.anatomic_region, f"{where}: Finding.anatomic_region")]
+                            if finding.anatomic_region is not None
+                            else None
+                        ),
+                    )
+                )
+
+        # [frames, rows, columns, segments]: one bool plane per segment. Stacking costs one
+        # copy of the masks; highdicom then drops the all-empty frames before packing bits.
+        masks = [finding_mask(f) for f in findings]
+        pixel_array = np.stack([m for m in masks if m is not None], axis=-1)
+
+        with encoding_step("SEG"):
+            seg = hd.seg.Segmentation(
+                source_images=volume.source_datasets,
+                pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=identity.series_instance_uid_for(ResultKind.SEG),
+                series_number=self._options.seg_series_number,
+                sop_instance_uid=identity.sop_instance_uid_for(ResultKind.SEG),
+                instance_number=1,
+                manufacturer=device.manufacturer,
+                manufacturer_model_name=algorithm.name,
+                # Software Versions is LO 1-n; pydicom wants a list for several values,
+                # highdicom's hint only admits str | tuple[str].
+                software_versions=[device.software_version, algorithm.version],  # type: ignore[arg-type]
+                device_serial_number=device.serial_number,
+                content_description=self._options.disclaimer,
+                content_label=_CONTENT_LABEL,
+                omit_empty_frames=True,
+                series_description=series_description(algorithm.name, "SEG"),
+                institution_name=device.institution_name,
+                institutional_department_name=device.institutional_department_name,
+            )
+        if int(seg.NumberOfFrames) < 1:
+            raise EncodingError("SEG has no frames although findings have masks")
+        return seg
+

@@ -1,0 +1,192 @@
+"""Index of spooled instances: studies, series and instances in the state database.
+
+Attributes are read once, from the header only (``stop_before_pixels``), when an instance is
+received; routing then evaluates rules on these indexed values instead of re-reading files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.multival import MultiValue
+
+from triage_node.errors import InvalidDicomError, UnusableDicomError
+from triage_node.spool.store import SpooledFile
+from triage_node.state.db import Database
+from triage_node.state.keys import KeyMaker
+
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
+_MAX_VALUE_CHARS = 1024
+
+
+def _plain(value: Any) -> str | list[str]:
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v)[:_MAX_VALUE_CHARS] for v in value]
+    return str(value)[:_MAX_VALUE_CHARS]
+
+
+def header_attributes(ds: Dataset) -> dict[str, str | list[str]]:
+    """Top-level, non-binary attributes by keyword (private tags by ``(gggg,eeee)``)."""
+    attrs: dict[str, str | list[str]] = {}
+    for elem in ds:
+        if elem.VR in _BINARY_VRS or elem.tag.group == 0x7FE0:
+            continue
+        key = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        try:
+            value = elem.value
+        except Exception:  # noqa: BLE001 - a malformed value must not stop indexing
+            continue
+        if value is None or value == "":
+            continue
+        attrs[key] = _plain(value)
+    return attrs
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    modality: str
+    attributes: dict[str, str | list[str]]
+
+
+def read_header(data: bytes) -> InstanceHeader:
+    """Parse the header of a Part 10 byte stream.
+
+    Raises :class:`InvalidDicomError` when it cannot be parsed, :class:`UnusableDicomError`
+    (a subclass) when it parses but lacks a UID the node needs; the message names what.
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except (PydicomInvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
+        raise InvalidDicomError(f"cannot parse the DICOM header: {type(exc).__name__}") from exc
+    return header_from_dataset(ds)
+
+
+def header_from_dataset(ds: Dataset) -> InstanceHeader:
+    """Index a parsed data set (from a file, or DICOM JSON metadata from WADO-RS)."""
+    missing = [
+        kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        if not str(ds.get(kw, "") or "").strip()
+    ]
+    if missing:
+        raise UnusableDicomError(f"missing required attribute(s): {', '.join(missing)}")
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return InstanceHeader(
+        study_uid=str(ds.StudyInstanceUID).strip(),
+        series_uid=str(ds.SeriesInstanceUID).strip(),
+        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
+        sop_class_uid=str(ds.SOPClassUID).strip(),
+        transfer_syntax=tsyntax,
+        modality=str(ds.get("Modality", "") or ""),
+        attributes=header_attributes(ds),
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    """How instances arrived: the association's AE titles and the peer's address."""
+
+    calling_ae: str = ""
+    called_ae: str = ""
+    host: str = ""
+
+
+def attribute_delta(base: dict[str, Any], attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes of ``attrs`` whose value differs from ``base`` (what makes an instance unique)."""
+    return {k: v for k, v in attrs.items() if base.get(k) != v}
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    study_key: str
+    new_instance: bool
+    reopened: bool
+    """A late instance arrived for a study that had already been processed."""
+    replaced: bool = False
+    """The SOP Instance UID was known with different bytes: the newer bytes are used."""
+
+
+class InstanceIndex:
+    """Records received instances, creating studies and series on first sight."""
+
+    def __init__(self, db: Database, keys: KeyMaker) -> None:
+        self.db = db
+        self.keys = keys
+
+    def record(self, header: InstanceHeader, spooled: SpooledFile,
+               source: Source) -> RecordOutcome:
+        now = time.time()
+        study_key = self.keys.study_key(header.study_uid)
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT study_key, status FROM studies WHERE study_uid = ?", (header.study_uid,)
+            ).fetchone()
+            reopened = False
+            if row is None:
+                conn.execute(
+                    "INSERT INTO studies (study_uid, study_key, status, attrs_json, calling_ae,"
+                    " called_ae, source_host, first_received, last_received)"
+                    " VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?)",
+                    (header.study_uid, study_key, json.dumps(header.attributes),
+                     source.calling_ae, source.called_ae, source.host, now, now),
+                )
+            existing = conn.execute(
+                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
+                (header.sop_instance_uid,),
+            ).fetchone()
+            if existing is not None and existing["sha256"] == spooled.sha256:
+                return RecordOutcome(study_key, new_instance=False, reopened=False)
+            if row is not None and row["status"] != "receiving":
+                reopened = True
+                conn.execute(
+                    "UPDATE studies SET status = 'receiving', generation = generation + 1,"
+                    " last_received = ? WHERE study_uid = ?", (now, header.study_uid))
+            else:
+                conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
+                             (now, header.study_uid))
+            conn.execute(
+                "INSERT INTO series (series_uid, study_uid, series_key, modality, attrs_json)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO NOTHING",
+                (header.series_uid, header.study_uid, self.keys.series_key(header.series_uid),
+                 header.modality, json.dumps(header.attributes)),
+            )
+            if existing is None:
+                conn.execute("UPDATE series SET instance_count = instance_count + 1"
+                             " WHERE series_uid = ?", (header.series_uid,))
+            series_attrs = json.loads(conn.execute(
+                "SELECT attrs_json FROM series WHERE series_uid = ?",
+                (header.series_uid,)).fetchone()[0])
+            delta = json.dumps(attribute_delta(series_attrs, header.attributes))
+            # A changed instance (same UID, new bytes) replaces the row; the older file stays
+            # in the spool, so nothing accepted is lost.
+            conn.execute(
+                "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
+                " transfer_syntax, path, size, sha256, attrs_delta_json, received_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(sop_instance_uid) DO UPDATE SET path=excluded.path,"
+                " size=excluded.size, sha256=excluded.sha256, received_at=excluded.received_at,"
+                " transfer_syntax=excluded.transfer_syntax,"
+                " attrs_delta_json=excluded.attrs_delta_json",
+                (header.sop_instance_uid, header.series_uid, header.study_uid,
+                 header.sop_class_uid, header.transfer_syntax, spooled.relative_path,
+                 spooled.size, spooled.sha256, delta, now),
+            )
+        return RecordOutcome(study_key, new_instance=True, reopened=reopened,
+                             replaced=existing is not None)
+
+    def instance_paths(self, series_uid: str) -> list[str]:
+        """Spool-relative paths of a series' current instances."""
+        rows = self.db.query("SELECT path FROM instances WHERE series_uid = ?", (series_uid,))
+        return [str(r["path"]) for r in rows]

@@ -1,0 +1,106 @@
+-- triage-node state database (SQLite). One file under the data dir; the spool folder holds the bytes.
+-- UIDs are stored here (the node must find studies again) but never written to logs:
+-- logs use study_key, an opaque id assigned on first receipt.
+
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid        TEXT PRIMARY KEY,
+    study_key        TEXT NOT NULL UNIQUE,
+    status           TEXT NOT NULL,          -- receiving | complete | processing | processed | failed
+    attrs_json       TEXT NOT NULL,          -- study-level attributes of the first instance
+    calling_ae       TEXT,
+    called_ae        TEXT,
+    source_host      TEXT,
+    first_received   REAL NOT NULL,
+    last_received    REAL NOT NULL,
+    completed_at     REAL,
+    processed_at     REAL,
+    generation       INTEGER NOT NULL DEFAULT 0  -- bumped when a late instance reopens the study
+);
+CREATE INDEX IF NOT EXISTS studies_status ON studies(status, last_received);
+
+CREATE TABLE IF NOT EXISTS series (
+    series_uid     TEXT PRIMARY KEY,
+    study_uid      TEXT NOT NULL REFERENCES studies(study_uid),
+    series_key     TEXT NOT NULL UNIQUE,
+    modality       TEXT,
+    attrs_json     TEXT NOT NULL,            -- series-level attributes of the first instance
+    instance_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid       TEXT NOT NULL REFERENCES series(series_uid),
+    study_uid        TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    path             TEXT NOT NULL,          -- relative to the spool root
+    size             INTEGER NOT NULL,
+    sha256           TEXT NOT NULL,
+    attrs_delta_json TEXT NOT NULL DEFAULT '{}',  -- attributes that differ from the series'
+    received_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid    TEXT NOT NULL,
+    generation   INTEGER NOT NULL,
+    priority     INTEGER NOT NULL,           -- lower runs first
+    status       TEXT NOT NULL,              -- queued | running | done | failed
+    created_at   REAL NOT NULL,
+    started_at   REAL,
+    finished_at  REAL,
+    error        TEXT,
+    UNIQUE (study_uid, generation)
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(status, priority, created_at);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid        TEXT NOT NULL,
+    destination      TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    kind             TEXT NOT NULL,          -- SEG | SR
+    path             TEXT NOT NULL,          -- relative to the results root
+    status           TEXT NOT NULL,          -- pending | delivered | dead
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL NOT NULL,
+    last_error       TEXT,
+    created_at       REAL NOT NULL,
+    delivered_at     REAL,
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(status, next_attempt_at);
+
+CREATE TABLE IF NOT EXISTS worklist (
+    study_uid      TEXT PRIMARY KEY,
+    study_key      TEXT NOT NULL,
+    urgency        TEXT NOT NULL,
+    urgency_rank   INTEGER NOT NULL,
+    score          REAL,
+    status         TEXT NOT NULL,            -- processed | delivered | not-applicable | failed
+    reason         TEXT,
+    rule           TEXT,                     -- the routing rule that decided
+    detectors_json TEXT NOT NULL,
+    findings_json  TEXT NOT NULL,
+    arrived_at     REAL NOT NULL,          -- first instance received
+    last_received  REAL,
+    completed_at   REAL,
+    processed_at   REAL,
+    delivered_at   REAL,
+    timings_json   TEXT NOT NULL DEFAULT '{}',  -- seconds per processing step
+    updated_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS worklist_order ON worklist(urgency_rank, arrived_at);
+
+CREATE TABLE IF NOT EXISTS rule_stats (
+    rule            TEXT PRIMARY KEY,
+    matches         INTEGER NOT NULL DEFAULT 0,
+    last_matched_at REAL
+);
