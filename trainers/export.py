@@ -178,7 +178,7 @@ def export_engine(
         "network": {"class": "monai.networks.nets.UNet", **asdict(recipe.network), "norm": "batch"},
         "train_minutes": round(state["train_seconds"] / 60.0, 2),
         "data_minutes": round(state["data_seconds"] / 60.0, 2),
-        "final_val_dice": history[-1]["val_dice"] if history else None,
+        "final_val_dice": history[-1].get("val_dice") if history else None,
         "history": history,
         "weights": WEIGHTS_FILE,
         "export": {

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from monai.networks.layers import Norm
 from monai.networks.nets import UNet
@@ -74,6 +73,10 @@ class TrainingSpec:
     learning_rate: float
     weight_decay: float
     flip_probability: float = 0.5
+    output_prior: float = 0.01
+    """Initial voxel probability of the output (bias init): skips the slow first phase in
+    which a zero-initialised head only learns that almost every voxel is background."""
+    val_every_epochs: int = 1
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,17 @@ class DetectorRecipe:
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready description of the network and training setup (for provenance)."""
-        return {"network": asdict(self.network), "training": asdict(self.training)}
+    def data_fingerprint(self) -> str:
+        """Short hash of what the cached training data depends on (not the schedule)."""
+        t = self.training
+        payload = {
+            "input_shape": self.input_shape,
+            "preprocessing": [s.model_dump() for s in self.preprocessing],
+            "cases": (t.train_cases, t.val_cases, t.bleed_fraction, t.bleed_ml_range),
+            "grids": (t.in_plane, t.slice_spacing),
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 _HEMORRHAGE = LabelSpec(
@@ -163,12 +174,13 @@ CT_HEAD_HEMORRHAGE = DetectorRecipe(
         bleed_ml_range=(0.3, 80.0),
         in_plane=((256, 0.75), (384, 0.25)),
         slice_spacing=((1.0, 0.15), (1.25, 0.35), (2.5, 0.3), (5.0, 0.2)),
-        epochs=14,
-        batch_size=4,
-        crop=(48, 96, 96),
+        epochs=50,
+        batch_size=8,
+        crop=(32, 64, 64),
         positive_crop_fraction=0.7,
         learning_rate=3e-3,
         weight_decay=1e-5,
+        val_every_epochs=5,
     ),
     evaluation=EvaluationSpec(
         cases=50,

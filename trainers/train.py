@@ -8,6 +8,7 @@ the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ def build_caches(
 ) -> tuple[CaseCache, CaseCache, float]:
     """Generate (or finish generating) the training and validation caches."""
     spec = recipe.training
-    fp = recipe.fingerprint()
+    fp = recipe.data_fingerprint()
     caches = (
         CaseCache(run_dir / "cache" / f"train-{fp}", spec.train_cases, recipe.input_shape),
         CaseCache(run_dir / "cache" / f"val-{fp}", spec.val_cases, recipe.input_shape),
@@ -89,6 +90,18 @@ def build_caches(
             for _ in cache.build(recipe, cases, processes):
                 progress.advance(task)
     return caches[0], caches[1], time.perf_counter() - start
+
+
+def init_output_bias(model: torch.nn.Module, prior: float) -> None:
+    """Set the last convolution's bias so that the initial output probability is ``prior``."""
+    convs = [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)
+    ]
+    last = convs[-1]
+    if last.bias is None:
+        raise ValueError("the network's last convolution has no bias to initialise")
+    with torch.no_grad():
+        last.bias.fill_(math.log(prior / (1.0 - prior)))
 
 
 def _positive_coords(targets: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -200,6 +213,7 @@ def train(
 
     torch.manual_seed(seed)
     model = recipe.network.build()
+    init_output_bias(model, recipe.training.output_prior)
     spec = recipe.training
     steps_per_epoch = len(images) // spec.batch_size
     optimizer = torch.optim.AdamW(
@@ -255,15 +269,23 @@ def train(
                     advance=1,
                     status=f"epoch {epoch + 1}/{epochs} loss {np.mean(losses[-20:]):.3f}",
                 )
-            metrics = validate(model, val_images, val_targets, recipe.probability_threshold)
+            last = epoch + 1 == epochs
+            if last or (epoch + 1) % spec.val_every_epochs == 0:
+                metrics = validate(model, val_images, val_targets, recipe.probability_threshold)
+            else:
+                metrics = {}
             state.epoch = epoch + 1
             state.train_seconds += time.perf_counter() - started
             record = {"epoch": float(epoch + 1), "loss": float(np.mean(losses)), **metrics}
             state.history.append(record)
-            console.log(
-                f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, "
+            validation = (
                 f"val dice {metrics['val_dice']:.3f}, "
                 f"fp voxels/normal {metrics['val_normal_fp_voxels']:.1f}, "
+                if metrics
+                else ""
+            )
+            console.log(
+                f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, {validation}"
                 f"{state.train_seconds / 60:.1f} min"
             )
             _atomic_save(

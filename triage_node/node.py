@@ -26,6 +26,7 @@ from triage_node.pipeline.jobs import JobQueue
 from triage_node.pipeline.processor import DetectorRuntime, StudyProcessor
 from triage_node.pipeline.worker import Worker
 from triage_node.receive.dicomweb import DicomWebSource
+from triage_node.receive.ingest import Ingestor, IngestStatus
 from triage_node.receive.scp import DicomReceiver
 from triage_node.results import AlgorithmInfo, DeviceInfo, encode_results
 from triage_node.routing.context import context_from_headers, study_context
@@ -37,7 +38,7 @@ from triage_node.routing.explain import (
 )
 from triage_node.routing.reloader import RulesHolder
 from triage_node.routing.selection import SeriesSelection
-from triage_node.spool.index import InstanceIndex, Source, read_header
+from triage_node.spool.index import InstanceIndex, Source
 from triage_node.spool.store import Spool
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
@@ -101,7 +102,8 @@ class Node:
             outbox=self.outbox, default_destinations=list(config.default_destinations),
             worklist=self.worklist, jobs=self.jobs)
         self.assembler = StudyAssembler(self.db, config.assembly, self.jobs, self._priority_of)
-        self.receiver = DicomReceiver(config.dicom, self.spool, self.index)
+        self.ingestor = Ingestor(self.spool, self.index)
+        self.receiver = DicomReceiver(config.dicom, self.ingestor)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.workers = [Worker(f"worker-{i}", self.jobs, self.processor)
                         for i in range(config.workers)]
@@ -189,16 +191,15 @@ class Node:
             source.close()
         origin = Source(calling_ae="DICOMWEB", called_ae=self.config.dicom.ae_title,
                         host=urlparse(self.config.orthanc.url).hostname or "")
-        stored = 0
-        for data in instances:
-            header = read_header(data)
-            if header.study_uid != uid:
-                raise InvalidDicomError("the archive returned an instance of another study")
-            spooled = self.spool.store(self.keys.study_key(uid), header.sop_instance_uid, data)
-            stored += int(self.index.record(header, spooled, origin).new_instance)
+        outcomes = [self.ingestor.ingest(data, origin) for data in instances]
+        if not any(o.status is IngestStatus.STORED or o.status is IngestStatus.DUPLICATE
+                   for o in outcomes):
+            raise InvalidDicomError("the archive returned no usable instance of the study")
         generation = self.assembler.force_complete(uid)
         return {"study_key": self.keys.study_key(uid), "instances": len(instances),
-                "new_instances": stored, "generation": generation}
+                "new_instances": sum(o.status is IngestStatus.STORED for o in outcomes),
+                "refused": [o.reason for o in outcomes if not o.accepted],
+                "generation": generation}
 
     def rule_stats(self) -> dict[str, dict[str, object]]:
         rows = self.db.query("SELECT rule, matches, last_matched_at FROM rule_stats")

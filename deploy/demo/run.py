@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
         _say("results in Orthanc")
         _show_results(orthanc, workdir)
-        if args.keep:
+        if not args.keep:
+            print("\n(the URLs work while the demo runs: `make demo KEEP=1` keeps it running)")
+        else:
             print(f"\nRunning; API token: {node.token}\nCtrl-C to stop.")
             try:
                 while True:

@@ -32,12 +32,14 @@ def make_study(name: str, out_dir: Path, *, seed: int, bleed_ml: float | None,
                kind: str = "head", patient_name: str = "DEMO^PATIENT",
                patient_id: str = "DEMO-0001", accession_number: str = "DEMOACC0001",
                grid: tuple[int, int, int] | None = None,
-               spacing: tuple[float, float, float] | None = None) -> DemoStudy:
+               spacing: tuple[float, float, float] | None = None,
+               bleed_kind: str = "random") -> DemoStudy:
     """Write one phantom study under ``out_dir/name``."""
     folder = out_dir / name
     if kind == "head":
         shape, sp = grid or HEAD_GRID, spacing or HEAD_SPACING
-        hu, _, info = generate_head_ct(seed, shape=shape, spacing=sp, bleed_ml=bleed_ml)
+        hu, _, info = generate_head_ct(seed, shape=shape, spacing=sp, bleed_ml=bleed_ml,
+                                       bleed_kind=bleed_kind)  # type: ignore[arg-type]
         true_ml = float(info["bleed_ml"]) if bleed_ml else None
         descr, series_descr, body_part = "CT HEAD WO CONTRAST", "Axial 2.5mm brain", "HEAD"
         expected = "critical" if bleed_ml else "negative"

@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from deploy.demo.orthanc import free_port
 from triage_node.config.models import DicomConfig, TrustedCaller
 from triage_node.errors import ConfigError
+from triage_node.receive.ingest import Ingestor
 from triage_node.receive.scp import DicomReceiver
 from triage_node.receive.status import StoreStatus
 from triage_node.spool.index import InstanceIndex
@@ -32,7 +33,8 @@ def receiver(tmp_path: Path) -> Iterator[DicomReceiver]:
         TrustedCaller(ae_title="PACS"), TrustedCaller(ae_title="STORESCU"),
         TrustedCaller(ae_title="WRONGHOST", host="127.0.0.99")])
     db = Database(tmp_path / "state.sqlite3")
-    rx = DicomReceiver(config, Spool(tmp_path / "spool"), InstanceIndex(db, KeyMaker(b"k")))
+    rx = DicomReceiver(config, Ingestor(Spool(tmp_path / "spool"),
+                                        InstanceIndex(db, KeyMaker(b"k"))))
     rx.start()
     yield rx
     rx.stop()
@@ -59,10 +61,10 @@ def test_echo_and_store_real_ct_and_mr(receiver: DicomReceiver) -> None:
         ds = pydicom.dcmread(_testfile(name))
         assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
     assoc.release()
-    rows = receiver.index.db.query("SELECT path, sop_class_uid FROM instances")
+    rows = receiver.ingestor.index.db.query("SELECT path, sop_class_uid FROM instances")
     assert len(rows) == 2
     for row in rows:
-        stored = pydicom.dcmread(receiver.spool.path_of(row["path"]))
+        stored = pydicom.dcmread(receiver.ingestor.spool.path_of(row["path"]))
         assert stored.SOPClassUID == row["sop_class_uid"]
 
 
@@ -72,8 +74,9 @@ def test_resend_is_success_without_a_second_copy(receiver: DicomReceiver) -> Non
     assert assoc.send_c_store(ds).Status == 0
     assert assoc.send_c_store(ds).Status == 0
     assoc.release()
-    assert receiver.counters["stored"] == 1 and receiver.counters["duplicates"] == 1
-    assert len(list((receiver.spool.root / "studies").rglob("*.dcm"))) == 1
+    counters = receiver.ingestor.counters
+    assert counters["stored"] == 1 and counters["duplicate"] == 1
+    assert len(list((receiver.ingestor.spool.root / "studies").rglob("*.dcm"))) == 1
 
 
 def test_untrusted_calling_ae_and_wrong_called_ae_are_rejected(receiver: DicomReceiver) -> None:
@@ -86,7 +89,7 @@ def test_trusted_title_from_the_wrong_host_is_refused(receiver: DicomReceiver) -
     status = assoc.send_c_store(pydicom.dcmread(_testfile("CT_small.dcm"))).Status
     assoc.release()
     assert status == StoreStatus.NOT_AUTHORIZED
-    assert receiver.index.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+    assert receiver.ingestor.index.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
 
 
 def test_missing_uid_is_quarantined_with_success(receiver: DicomReceiver) -> None:
@@ -95,7 +98,7 @@ def test_missing_uid_is_quarantined_with_success(receiver: DicomReceiver) -> Non
     assoc = _scu(receiver)
     assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
     assoc.release()
-    quarantined = list((receiver.spool.root / "quarantine").glob("*.dcm"))
+    quarantined = list((receiver.ingestor.spool.root / "quarantine").glob("*.dcm"))
     assert len(quarantined) == 1
     reason = quarantined[0].with_suffix(".reason.json").read_text()
     assert "StudyInstanceUID" in reason
@@ -111,10 +114,11 @@ def test_storescu_sends_a_folder(receiver: DicomReceiver, tmp_path: Path) -> Non
          str(receiver.port), str(folder)],
         capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert receiver.counters["stored"] == 2
+    assert receiver.ingestor.counters["stored"] == 2
 
 
 def test_empty_trust_list_is_refused(tmp_path: Path) -> None:
     db = Database(tmp_path / "s.sqlite3")
     with pytest.raises(ConfigError, match="trusted_callers is empty"):
-        DicomReceiver(DicomConfig(), Spool(tmp_path / "spool"), InstanceIndex(db, KeyMaker(b"k")))
+        DicomReceiver(DicomConfig(), Ingestor(Spool(tmp_path / "spool"),
+                                              InstanceIndex(db, KeyMaker(b"k"))))

@@ -103,3 +103,15 @@ def test_explain_validates_its_request(node: Node) -> None:
     missing = client.post("/api/rules/explain", headers=AUTH,
                           json={"study_instance_uid": "1.2.3"})
     assert missing.status_code == 404 and "not known" in missing.json()["detail"]
+
+
+def test_node_refuses_to_start_on_invalid_rules(tmp_path: Path) -> None:
+    from triage_node.errors import RoutingError
+
+    (tmp_path / "detectors").mkdir()
+    (tmp_path / "rules.yaml").write_text(RULES.replace("calling_ae", "calling_aet"))
+    config = NodeConfig(data_dir=tmp_path / "data", rules_file=tmp_path / "rules.yaml",
+                        detectors_dir=tmp_path / "detectors",
+                        dicom=DicomConfig(trusted_callers=[TrustedCaller(ae_title="PACS")]))
+    with pytest.raises(RoutingError, match=r"rules.yaml:4: rule 'qa': when.source"):
+        Node(config)

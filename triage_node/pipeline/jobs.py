@@ -60,6 +60,9 @@ class JobQueue:
                 return None
             conn.execute("UPDATE jobs SET status='running', started_at=? WHERE id=?",
                          (time.time(), row["id"]))
+            conn.execute("UPDATE studies SET status='processing' WHERE study_uid=?"
+                         " AND generation=? AND status='complete'",
+                         (row["study_uid"], row["generation"]))
         return Job(id=row["id"], study_uid=row["study_uid"], study_key=row["study_key"],
                    generation=row["generation"], priority=row["priority"])
 

@@ -165,6 +165,10 @@ class StudyProcessor:
         except TriageError as exc:
             error = f"{type(exc).__name__}: {exc}"
             outcome = StudyOutcome(Urgency.FAILED, "failed", error, [], [], timings)
+        except Exception as exc:  # a bug must still leave a visible worklist item
+            log.exception("study processing crashed", error_kind=type(exc).__name__)
+            error = f"internal error: {type(exc).__name__}"
+            outcome = StudyOutcome(Urgency.FAILED, "failed", error, [], [], timings)
         destinations = (decision.destinations if decision is not None and
                         decision.destinations is not None else self.default_destinations)
         with self.db.transaction() as conn:

@@ -1,0 +1,93 @@
+"""One ingest path for every way instances arrive (C-STORE, STOW-RS, a DICOMweb re-fetch).
+
+``ingest`` reads the header (never the pixels), spools the bytes durably, records them in the
+index, and says what happened as a :class:`IngestOutcome` that each front end maps to its own
+protocol (a C-STORE status, a STOW-RS failure reason).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+from enum import Enum
+
+from triage_node.errors import InvalidDicomError, UnusableDicomError
+from triage_node.logging import get_logger
+from triage_node.spool.index import InstanceIndex, Source, read_header
+from triage_node.spool.store import Spool
+
+log = get_logger(__name__)
+
+
+class IngestStatus(Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+    """DICOM, but unusable: kept in quarantine with a reason; the sender is told Success."""
+    UNREADABLE = "unreadable"
+    """Not parseable as DICOM: refused, nothing kept."""
+    NO_SPACE = "no-space"
+    """Free disk below the watermark: refused, nothing written."""
+    WRITE_FAILED = "write-failed"
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    status: IngestStatus
+    reason: str = ""
+    study_key: str = ""
+    sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in (IngestStatus.STORED, IngestStatus.DUPLICATE,
+                               IngestStatus.QUARANTINED)
+
+
+class Ingestor:
+    def __init__(self, spool: Spool, index: InstanceIndex, *, min_free_bytes: int = 0) -> None:
+        self.spool = spool
+        self.index = index
+        self.min_free_bytes = min_free_bytes
+        self._lock = threading.Lock()
+        self.counters = {s.value: 0 for s in IngestStatus}
+
+    def _count(self, outcome: IngestOutcome) -> IngestOutcome:
+        with self._lock:
+            self.counters[outcome.status.value] += 1
+        return outcome
+
+    def ingest(self, data: bytes, source: Source) -> IngestOutcome:
+        if self.min_free_bytes and shutil.disk_usage(self.spool.root).free < self.min_free_bytes:
+            log.error("instance refused: free disk below watermark", stage="receive")
+            return self._count(IngestOutcome(IngestStatus.NO_SPACE, "free disk below watermark"))
+        try:
+            header = read_header(data)
+        except UnusableDicomError as exc:
+            self.spool.quarantine(data, str(exc), {"calling_ae": source.calling_ae})
+            log.warning("instance quarantined", stage="receive", reason=str(exc),
+                        calling_ae=source.calling_ae)
+            return self._count(IngestOutcome(IngestStatus.QUARANTINED, str(exc)))
+        except InvalidDicomError as exc:
+            log.warning("instance refused: cannot parse", stage="receive", reason=str(exc),
+                        calling_ae=source.calling_ae)
+            return self._count(IngestOutcome(IngestStatus.UNREADABLE, str(exc)))
+        study_key = self.index.keys.study_key(header.study_uid)
+        try:
+            spooled = self.spool.store(study_key, header.sop_instance_uid, data)
+            outcome = self.index.record(header, spooled, source)
+        except OSError as exc:
+            log.error("instance refused: cannot write spool", stage="receive",
+                      error=type(exc).__name__, reason=exc.strerror)
+            return self._count(IngestOutcome(IngestStatus.WRITE_FAILED,
+                                              f"cannot write spool: {exc.strerror}"))
+        if outcome.replaced:
+            log.warning("instance re-sent with different content; newer bytes used",
+                        stage="receive", study_key=study_key)
+        if outcome.reopened:
+            log.info("late instance reopened study", stage="receive", study_key=study_key)
+        status = IngestStatus.STORED if outcome.new_instance else IngestStatus.DUPLICATE
+        return self._count(IngestOutcome(status, "", study_key, header.sop_instance_uid,
+                                          header.sop_class_uid))
