@@ -115,3 +115,60 @@ def test_node_refuses_to_start_on_invalid_rules(tmp_path: Path) -> None:
                         dicom=DicomConfig(trusted_callers=[TrustedCaller(ae_title="PACS")]))
     with pytest.raises(RoutingError, match=r"rules.yaml:4: rule 'qa': when.source"):
         Node(config)
+
+
+def _testfile(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert isinstance(path, str)
+    return Path(path).read_bytes()
+
+
+def test_stow_rs_stores_reports_failures_and_quarantines(node: Node, tmp_path: Path) -> None:
+    import io
+
+    import pydicom
+
+    from triage_node.receive.multipart import build_multipart_related
+
+    no_study = pydicom.dcmread(io.BytesIO(_testfile("CT_small.dcm")))
+    del no_study.StudyInstanceUID
+    no_study.SOPInstanceUID = "1.2.3.4.5.6"
+    buffer = io.BytesIO()
+    no_study.save_as(buffer)
+    body = build_multipart_related(
+        [_testfile("CT_small.dcm"), _testfile("MR_small.dcm"), b"not dicom at all",
+         buffer.getvalue()], "BOUNDARY42")
+    headers = {**AUTH, "Content-Type":
+               'multipart/related; type="application/dicom"; boundary=BOUNDARY42'}
+    client = TestClient(create_app(node))
+    assert client.post("/dicomweb/studies", content=body,
+                       headers={**headers, "Authorization": "Bearer x"}).status_code == 401
+    r = client.post("/dicomweb/studies", content=body, headers=headers)
+    assert r.status_code == 202
+    assert r.headers["content-type"] == "application/dicom+json"
+    payload = r.json()
+    referenced = payload["00081199"]["Value"]
+    failed = payload["00081198"]["Value"]
+    ct = pydicom.dcmread(io.BytesIO(_testfile("CT_small.dcm")))
+    assert referenced[0]["00081155"]["Value"] == [ct.SOPInstanceUID]
+    assert referenced[0]["00081150"]["Value"] == [ct.SOPClassUID]
+    assert referenced[2]["00081196"]["Value"] == [0xB007]  # quarantined, not processed
+    assert failed == [{"00081150": {"vr": "UI"}, "00081155": {"vr": "UI"},
+                       "00081197": {"vr": "US", "Value": [0xC000]}}]
+    assert node.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 2
+    source = node.db.query("SELECT calling_ae FROM studies")[0]["calling_ae"]
+    assert source == "STOW-RS"
+    again = client.post("/dicomweb/studies", headers=headers, content=build_multipart_related(
+        [_testfile("CT_small.dcm")], "BOUNDARY42"))
+    assert again.status_code == 200  # a re-send is a success, not a second copy
+    assert node.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 2
+    none = client.post("/dicomweb/studies", headers=headers,
+                       content=build_multipart_related([b"junk"], "BOUNDARY42"))
+    assert none.status_code == 409
+    wrong = client.post("/dicomweb/studies", headers={**AUTH, "Content-Type": "application/json"},
+                        content=b"{}")
+    assert wrong.status_code == 415
+    broken = client.post("/dicomweb/studies", headers=headers, content=b"no boundary here")
+    assert broken.status_code == 400 and "boundary" in broken.json()["detail"]

@@ -11,11 +11,12 @@ import os
 import secrets
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, status
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from triage_node import __version__
+from triage_node.api.stow import store_instances
 from triage_node.errors import DeliveryError, InvalidDicomError, TriageError
 
 if TYPE_CHECKING:
@@ -133,5 +134,12 @@ def create_app(node: Node) -> FastAPI:
             return node.process_orthanc_study(request.orthanc_study)
         except TriageError as exc:
             raise _http_error(exc) from exc
+
+    @app.post("/dicomweb/studies", tags=["dicomweb"], dependencies=auth,
+              response_class=Response,
+              responses={200: {"content": {"application/dicom+json": {}}}})
+    async def stow(request: Request) -> Response:
+        """STOW-RS: store instances (multipart/related; type="application/dicom")."""
+        return await store_instances(request, node.ingestor, node.config.dicom.ae_title)
 
     return app
