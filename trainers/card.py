@@ -116,8 +116,11 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         f"- Study is flagged **critical** when the bleed volume is at least the site's "
         f"`critical_volume_ml`; evaluated at {m['critical_volume_ml']} mL.",
         f"- **Recommended critical volume: {report['recommended_critical_volume_ml']} mL** — "
-        "the smallest swept value whose held-out specificity is at least 0.95 (any acute "
-        "bleed is urgent; the held-out set has no bleed under 0.5 mL).",
+        "the smallest swept value (≥ 0.5 mL, the smallest held-out bleed) whose held-out "
+        "specificity is at least 0.95 and which is at least twice every false-positive "
+        "volume seen on a normal below it (any acute bleed is urgent, but 25 normals cannot "
+        "pin specificity down, so the threshold keeps a margin over observed false alarms). "
+        "Findings below it are still reported, with urgency `negative`.",
         "",
         "## Held-out evaluation",
         "",

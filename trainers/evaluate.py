@@ -153,16 +153,23 @@ def summarise(
     }
 
 
-def recommend_critical_volume(metrics: dict[str, Any], target_specificity: float = 0.95) -> float:
-    """Smallest swept critical volume whose specificity meets the target (≥ 0.5 mL).
+def recommend_critical_volume(
+    metrics: dict[str, Any], rows: list[dict[str, Any]], target_specificity: float = 0.95
+) -> float:
+    """The critical volume this evaluation supports (mL).
 
-    Any acute bleed matters, so the flag should fire as early as the false alarms allow;
-    below 0.5 mL the held-out set has no bleeds, so nothing supports a smaller value.
+    Any acute bleed matters, so the flag should fire as early as false alarms allow: the
+    smallest swept volume (at least 0.5 mL, the smallest bleed in the held-out set) whose
+    specificity meets the target *and* which is at least twice every false-positive volume
+    seen on a normal below it — a margin, because 25 normals cannot pin specificity down.
     """
+    false_positive_ml = [r["pred_ml"] for r in rows if r["true_ml"] == 0 and r["pred_ml"] > 0]
     for row in metrics["critical_volume_sweep"]:
         v = float(row["critical_volume_ml"])
         spec = row["specificity"]["value"]
-        if v >= 0.5 and spec is not None and spec >= target_specificity:
+        if v < 0.5 or spec is None or spec < target_specificity:
+            continue
+        if all(2.0 * fp <= v for fp in false_positive_ml if fp < v):
             return v
     return float(metrics["critical_volume_sweep"][-1]["critical_volume_ml"])
 
@@ -240,7 +247,7 @@ def evaluate(
         "probability_threshold": detector.manifest.probability_threshold,
         "min_component_ml": detector.manifest.min_component_ml,
         "metrics": metrics,
-        "recommended_critical_volume_ml": recommend_critical_volume(metrics),
+        "recommended_critical_volume_ml": recommend_critical_volume(metrics, rows),
         "timings_s": {
             k: {"mean": round(float(np.mean(v)), 4), "max": round(float(np.max(v)), 4)}
             for k, v in timings.items()

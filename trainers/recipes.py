@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from monai.networks.layers import Norm
 from monai.networks.nets import UNet
 
+from trainers.phantoms.head_ct import PHANTOM_VERSION
 from triage_node.detectors.manifest import CodeSpec, LabelSpec, TransformSpec
 
 Grid = tuple[tuple[int, int, int], tuple[float, float, float]]
@@ -130,6 +131,7 @@ class DetectorRecipe:
             "preprocessing": [s.model_dump() for s in self.preprocessing],
             "cases": (t.train_cases, t.val_cases, t.bleed_fraction, t.bleed_ml_range),
             "grids": (t.in_plane, t.slice_spacing),
+            "phantom_version": PHANTOM_VERSION,
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -152,12 +154,12 @@ CT_HEAD_HEMORRHAGE = DetectorRecipe(
         "Trained on procedural phantoms only: a pipeline demonstrator, no clinical accuracy."
     ),
     modalities=("CT",),
-    input_shape=(64, 128, 128),
+    input_shape=(80, 160, 160),
     preprocessing=(
         # Whole field of view to the network grid first (area averaging, as a thicker slice
         # would), then a brain-and-blood window: air and bone saturate, 50–90 HU blood sits
         # mid-range, away from grey (~38 HU) and white (~28 HU) matter.
-        TransformSpec(name="Resize", args={"spatial_size": [64, 128, 128], "mode": "area"}),
+        TransformSpec(name="Resize", args={"spatial_size": [80, 160, 160], "mode": "area"}),
         TransformSpec(
             name="ScaleIntensityRange",
             args={"a_min": -40.0, "a_max": 160.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
@@ -168,19 +170,19 @@ CT_HEAD_HEMORRHAGE = DetectorRecipe(
     min_component_ml=0.1,
     network=NetworkSpec(channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2),
     training=TrainingSpec(
-        train_cases=240,
+        train_cases=320,
         val_cases=12,
         bleed_fraction=0.65,
         bleed_ml_range=(0.3, 80.0),
         in_plane=((256, 0.75), (384, 0.25)),
         slice_spacing=((1.0, 0.15), (1.25, 0.35), (2.5, 0.3), (5.0, 0.2)),
-        epochs=50,
+        epochs=75,
         batch_size=8,
         crop=(32, 64, 64),
-        positive_crop_fraction=0.7,
+        positive_crop_fraction=0.5,
         learning_rate=3e-3,
         weight_decay=1e-5,
-        val_every_epochs=5,
+        val_every_epochs=10,
     ),
     evaluation=EvaluationSpec(
         cases=50,

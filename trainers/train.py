@@ -214,6 +214,9 @@ def train(
     torch.manual_seed(seed)
     model = recipe.network.build()
     init_output_bias(model, recipe.training.output_prior)
+    # channels-last 3-D tensors let oneDNN pick much faster CPU convolutions (~2.4× here);
+    # the weights' values, hence the exported engine, do not depend on the memory format.
+    model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     spec = recipe.training
     steps_per_epoch = len(images) // spec.batch_size
     optimizer = torch.optim.AdamW(
@@ -257,6 +260,7 @@ def train(
             for b in range(steps_per_epoch):
                 batch = order[b * spec.batch_size : (b + 1) * spec.batch_size]
                 x, y = _batch(rng, recipe, images, targets, positives, batch)
+                x = x.contiguous(memory_format=torch.channels_last_3d)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x), y)
                 loss.backward()

@@ -8,9 +8,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from triage_node.errors import RoutingError
-from triage_node.routing.conditions import SeriesView, StudyContext
+from triage_node.routing.conditions import Range, SeriesView, StudyContext
 from triage_node.routing.rules import Priority, Router, RuleSet, load_rules, parse_rules
-from triage_node.routing.selection import SeriesSelection, select_series, why_none
+from triage_node.routing.selection import CountRange, SeriesSelection, select_series, why_none
 from triage_node.spool.index import read_header
 
 REPO = Path(__file__).resolve().parents[2]
@@ -224,10 +224,10 @@ def test_series_selection() -> None:
     assert chosen is coronal  # largest that is not a localizer or secondary capture
     axial_only = SeriesSelection(orientation="axial", exclude_derived=True)
     assert select_series(series, axial_only, ["CT"])[0] is thin
-    band = SeriesSelection(slice_thickness_mm={"min": 1.0, "max": 3.0}, orientation="axial")
+    band = SeriesSelection(slice_thickness_mm=Range(min=1.0, max=3.0), orientation="axial")
     assert select_series(series, band, ["CT"])[0] is axial
     assert select_series(series, SeriesSelection(prefer="thinnest"), ["CT"])[0] is thin
-    few = SeriesSelection(instances={"min": 1000})
+    few = SeriesSelection(instances=CountRange(min=1000))
     none, verdicts = select_series(series, few, ["CT"])
     assert none is None
     why = why_none(verdicts)

@@ -46,6 +46,8 @@ RANDOM_BLEED_ML = (0.5, 60.0)
 MAX_RANDOM_IVH_ML = 12.0
 
 HU_AIR = -1000.0
+#: Bumped whenever the generated images change, so that cached training data is rebuilt.
+PHANTOM_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -475,6 +477,62 @@ class _Tissue:
 
 
 @dataclass(frozen=True)
+class _Face:
+    """Below the skull base: muscle and fat of the face and neck, air in the sinuses."""
+
+    texture: Waves
+    fat_level: float
+    """Texture level above which soft tissue is fat (sets the fat fraction)."""
+    sinuses: tuple[Quadric, ...]
+
+    @staticmethod
+    def random(rng: np.random.Generator, head: _HeadShape) -> _Face:
+        z_front = head.zc - head.floor_depth + head.floor_ant - head.base_thick
+        z_mid = head.zc - head.floor_depth - head.base_thick
+        sinuses = [
+            # Nasal cavity and nasopharynx, in the midline behind the face.
+            Quadric(
+                centre=np.array([z_mid - 12.0, -0.55 * head.b, 0.0]),
+                radii=np.array([rng.uniform(12, 18), rng.uniform(18, 26), rng.uniform(6, 9)]),
+            ),
+            # Sphenoid sinus under the sella.
+            Quadric(
+                centre=np.array([z_mid - 4.0, -0.15 * head.b, 0.0]),
+                radii=rng.uniform(6.0, 11.0, 3),
+            ),
+        ]
+        for sign in (-1.0, 1.0):  # maxillary sinuses under the orbits
+            sinuses.append(
+                Quadric(
+                    centre=np.array([z_front - 28.0, -0.62 * head.b, sign * 24.0]),
+                    radii=np.array([rng.uniform(12, 17), rng.uniform(12, 16), rng.uniform(9, 13)]),
+                )
+            )
+        return _Face(
+            texture=Waves.random(rng, 4, (12.0, 30.0), 1.0),
+            fat_level=rng.uniform(0.05, 0.35),
+            sinuses=tuple(sinuses),
+        )
+
+    def paint(
+        self,
+        hu: np.ndarray,
+        region: np.ndarray,
+        z: np.ndarray,
+        y: np.ndarray,
+        x: np.ndarray,
+        t: _Tissue,
+    ) -> None:
+        soft = np.where(self.texture(z, y, x) > self.fat_level, t.fat, t.muscle)
+        np.copyto(hu, soft.astype(np.float32), where=region)
+        for q in self.sinuses:
+            win = window(z, y, x, q.box())
+            if win is not None:
+                sl, zs, ys, xs = win
+                hu[sl][(q.level(zs, ys, xs) <= 1.0) & region[sl]] = HU_AIR
+
+
+@dataclass(frozen=True)
 class _HeadPhantom:
     shape: _HeadShape
     tissue: _Tissue
@@ -484,6 +542,7 @@ class _HeadPhantom:
     cortex_waves: Waves
     sulcus_waves: Waves
     smooth_noise: Waves
+    face: _Face
     bleed: _Bleed | None
     bleed_hu: float
     bleed_texture: Waves
@@ -511,7 +570,9 @@ class _HeadPhantom:
         bone_hu = t.diploe + (t.cortical - t.diploe) * frac * frac
         bone = inside_outer & ~cavity & ~below_base
         np.copyto(hu, bone_hu, where=bone)
-        np.copyto(hu, np.float32(t.muscle - 5.0), where=inside_outer & ~cavity & below_base)
+        lower = inside_outer & ~cavity & below_base
+        if lower.any():
+            self.face.paint(hu, lower, z, y, x, t)
 
         # Brain: extra-axial CSF, folded cortex with sulci, white matter.
         d_b = np.minimum(f.d_in, f.d_floor)
@@ -852,7 +913,10 @@ def generate_head_ct(
     cortex_waves = Waves.random(anatomy_rng, 5, (25.0, 60.0), 4.0)
     sulcus_waves = Waves.random(anatomy_rng, 6, (18.0, 40.0), 1.0)
     smooth_noise = Waves.random(anatomy_rng, 3, (40.0, 140.0), anatomy_rng.uniform(0.5, 3.0))
-    sigma = float(anatomy_rng.uniform(2.0, 12.0)) if noise_hu is None else float(noise_hu)
+    face = _Face.random(anatomy_rng, head)
+    # Drawn even when noise_hu is given, so that the anatomy never depends on it.
+    drawn_sigma = float(anatomy_rng.uniform(2.0, 12.0))
+    sigma = drawn_sigma if noise_hu is None else float(noise_hu)
 
     bleed: _Bleed | None = None
     reference_ml: float | None = None
@@ -904,6 +968,7 @@ def generate_head_ct(
         cortex_waves=cortex_waves,
         sulcus_waves=sulcus_waves,
         smooth_noise=smooth_noise,
+        face=face,
         bleed=bleed,
         bleed_hu=float(bleed_rng.uniform(50.0, 85.0)),
         bleed_texture=Waves.random(bleed_rng, 3, (6.0, 20.0), 4.0),

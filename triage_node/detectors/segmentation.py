@@ -37,7 +37,7 @@ from triage_node.detectors.transforms import (
     build_preprocessing,
     resize_target_shape,
 )
-from triage_node.errors import ConfigError, InferenceError, TriageError
+from triage_node.errors import ConfigError, InferenceError
 from triage_node.imaging.volume import Volume
 
 log = structlog.get_logger(__name__)
@@ -224,8 +224,12 @@ class SegmentationDetector:
             result = fn()
         except InferenceError as exc:
             raise InferenceError(f"{self.name}: {step}: {exc}") from exc
-        except (TriageError, ValueError, TypeError, RuntimeError, MemoryError, IndexError) as exc:
-            raise InferenceError(f"{self.name}: {step} failed: {exc}") from exc
+        except Exception as exc:
+            # MONAI, ONNX Runtime and SciPy raise many types; the worker needs one, naming
+            # the detector and step, with the cause chained for the traceback.
+            raise InferenceError(
+                f"{self.name}: {step} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         timings[step] = time.perf_counter() - start
         return result
 
