@@ -88,7 +88,7 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         "",
         "## Training data",
         "",
-        f"- {t['data']}.",
+        f"- {t['data'][:1].upper()}{t['data'][1:]}.",
         f"- {t['train_cases']} training phantoms ({t['train_bleed_cases']} with a bleed), "
         f"{t['val_cases']} validation phantoms; seed {t['seed']}.",
         f"- {t['epochs']} epochs, {t['steps']} steps of {t['batch_size']} crops "
@@ -117,10 +117,11 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         f"`critical_volume_ml`; evaluated at {m['critical_volume_ml']} mL.",
         f"- **Recommended critical volume: {report['recommended_critical_volume_ml']} mL** — "
         "the smallest swept value (≥ 0.5 mL, the smallest held-out bleed) whose held-out "
-        "specificity is at least 0.95 and which is at least twice every false-positive "
-        "volume seen on a normal below it (any acute bleed is urgent, but 25 normals cannot "
-        "pin specificity down, so the threshold keeps a margin over observed false alarms). "
-        "Findings below it are still reported, with urgency `negative`.",
+        "specificity is at least 0.95 and which stays above every false-positive volume "
+        "seen on a normal, inflated by the mean absolute volume error (any acute bleed is "
+        "urgent, but 25 normals cannot pin specificity down, so the threshold keeps a margin "
+        "over the false alarms observed). Findings below it are still reported, with "
+        "urgency `negative`.",
         "",
         "## Held-out evaluation",
         "",

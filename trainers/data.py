@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,6 +163,16 @@ class CaseCache:
     def _meta_path(self) -> Path:
         return self.directory / "meta.jsonl"
 
+    @property
+    def _seconds_path(self) -> Path:
+        return self.directory / "build_seconds.txt"
+
+    def build_seconds(self) -> float:
+        """Wall time spent generating this cache, summed over interrupted builds."""
+        if not self._seconds_path.exists():
+            return 0.0
+        return float(self._seconds_path.read_text().strip() or 0.0)
+
     def done(self) -> int:
         """How many cases are already written."""
         if not self._meta_path.exists():
@@ -181,6 +192,8 @@ class CaseCache:
             self.directory / "targets.npy", mode=mode, dtype=np.float16, shape=shape
         )
         jobs = [(recipe, case) for case in cases[start : self.count]]
+        began = time.perf_counter()
+        spent_before = self.build_seconds()
         # spawn, not fork: forking a process that already runs torch threads can deadlock.
         context = multiprocessing.get_context("spawn")
         with (
@@ -195,6 +208,7 @@ class CaseCache:
                 targets.flush()
                 meta_file.write(json.dumps(meta) + "\n")
                 meta_file.flush()
+                self._seconds_path.write_text(f"{spent_before + time.perf_counter() - began:.1f}\n")
                 yield i
         del images, targets
 

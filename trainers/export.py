@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from trainers.data import CaseSpec, preprocess_case
+from trainers.data import CaseCache, CaseSpec, preprocess_case
 from trainers.recipes import DetectorRecipe
 from triage_node.detectors.engines.ort import OnnxRuntimeEngine
 from triage_node.detectors.manifest import (
@@ -154,6 +154,15 @@ def export_engine(
 
     state = saved["state"]
     data = saved["data"]
+    # Prefer the caches' own record: a run that reused a cache spent no time generating it,
+    # but the engine still cost that much data.
+    caches = [
+        CaseCache(
+            checkpoint_path.parent / "cache" / f"{split}-{recipe.data_fingerprint()}", 0, (0, 0, 0)
+        )
+        for split in ("train", "val")
+    ]
+    data_seconds = sum(c.build_seconds() for c in caches) or float(state["data_seconds"])
     history = state["history"]
     spec = recipe.training
     training: dict[str, Any] = {
@@ -177,7 +186,7 @@ def export_engine(
         "optimizer": f"AdamW lr {spec.learning_rate} + OneCycleLR",
         "network": {"class": "monai.networks.nets.UNet", **asdict(recipe.network), "norm": "batch"},
         "train_minutes": round(state["train_seconds"] / 60.0, 2),
-        "data_minutes": round(state["data_seconds"] / 60.0, 2),
+        "data_minutes": round(data_seconds / 60.0, 2),
         "final_val_dice": history[-1].get("val_dice") if history else None,
         "history": history,
         "weights": WEIGHTS_FILE,

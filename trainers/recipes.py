@@ -77,6 +77,10 @@ class TrainingSpec:
     output_prior: float = 0.01
     """Initial voxel probability of the output (bias init): skips the slow first phase in
     which a zero-initialised head only learns that almost every voxel is background."""
+    edge_crop_probability: float = 0.3
+    """Per axis, how often a background crop is snapped to the volume's first or last
+    voxel: the network then sees its zero-padded borders (e.g. face and neck soft tissue
+    in the bottom slices) as often as whole-volume inference does."""
     val_every_epochs: int = 1
 
 

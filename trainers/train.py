@@ -71,14 +71,13 @@ def _atomic_save(obj: Any, path: Path) -> None:
 def build_caches(
     recipe: DetectorRecipe, seed: int, run_dir: Path, processes: int, console: Console
 ) -> tuple[CaseCache, CaseCache, float]:
-    """Generate (or finish generating) the training and validation caches."""
+    """Generate (or finish) the training and validation caches; also their build seconds."""
     spec = recipe.training
     fp = recipe.data_fingerprint()
     caches = (
         CaseCache(run_dir / "cache" / f"train-{fp}", spec.train_cases, recipe.input_shape),
         CaseCache(run_dir / "cache" / f"val-{fp}", spec.val_cases, recipe.input_shape),
     )
-    start = time.perf_counter()
     with _progress(console) as progress:
         for split, cache in zip(("train", "val"), caches, strict=True):
             if cache.done() >= cache.count:
@@ -89,7 +88,9 @@ def build_caches(
             )
             for _ in cache.build(recipe, cases, processes):
                 progress.advance(task)
-    return caches[0], caches[1], time.perf_counter() - start
+    # Generation time as recorded by the caches, so a resumed or re-run training still
+    # reports what the data cost to make.
+    return caches[0], caches[1], caches[0].build_seconds() + caches[1].build_seconds()
 
 
 def init_output_bias(model: torch.nn.Module, prior: float) -> None:
@@ -120,6 +121,7 @@ def _crop_start(
     crop: tuple[int, int, int],
     positives: np.ndarray,
     want_positive: bool,
+    edge_probability: float,
 ) -> tuple[int, int, int]:
     limits = np.array(shape) - np.array(crop)
     if want_positive and len(positives):
@@ -128,6 +130,9 @@ def _crop_start(
         start = np.clip(centre + jitter - np.array(crop) // 2, 0, limits)
     else:
         start = rng.integers(0, limits + 1)
+        draw = rng.random(3)
+        start = np.where(draw < edge_probability / 2, 0, start)
+        start = np.where((draw >= edge_probability / 2) & (draw < edge_probability), limits, start)
     return int(start[0]), int(start[1]), int(start[2])
 
 
@@ -144,7 +149,14 @@ def _batch(
     xs, ys = [], []
     for i in indices:
         want_positive = bool(rng.random() < spec.positive_crop_fraction)
-        z, y, x = _crop_start(rng, images.shape[1:], spec.crop, positives[i], want_positive)
+        z, y, x = _crop_start(
+            rng,
+            images.shape[1:],
+            spec.crop,
+            positives[i],
+            want_positive,
+            spec.edge_crop_probability,
+        )
         img = images[i, z : z + cz, y : y + cy, x : x + cx]
         tgt = targets[i, z : z + cz, y : y + cy, x : x + cx]
         if rng.random() < spec.flip_probability:  # left-right mirror: bleeds occur on both sides
@@ -173,10 +185,12 @@ def validate(
             normals += 1
             false_positive_voxels += int(pred.sum())
     model.train()
-    return {
-        "val_dice": float(np.mean(dices)) if dices else float("nan"),
-        "val_normal_fp_voxels": float(false_positive_voxels) / max(normals, 1),
-    }
+    metrics: dict[str, float] = {}
+    if dices:  # no NaN in the history: it ends up in the manifest's JSON
+        metrics["val_dice"] = float(np.mean(dices))
+    if normals:
+        metrics["val_normal_fp_voxels"] = float(false_positive_voxels) / normals
+    return metrics
 
 
 def train(
@@ -244,7 +258,7 @@ def train(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
-        state.data_seconds += data_seconds
+        state.data_seconds = data_seconds
         console.log(f"resuming after epoch {state.epoch} from {checkpoint_path}")
 
     model.train()
@@ -282,11 +296,10 @@ def train(
             state.train_seconds += time.perf_counter() - started
             record = {"epoch": float(epoch + 1), "loss": float(np.mean(losses)), **metrics}
             state.history.append(record)
-            validation = (
-                f"val dice {metrics['val_dice']:.3f}, "
-                f"fp voxels/normal {metrics['val_normal_fp_voxels']:.1f}, "
-                if metrics
-                else ""
+            validation = "".join(
+                f"{name} {metrics[key]:.3f}, "
+                for key, name in (("val_dice", "val dice"), ("val_normal_fp_voxels", "fp/normal"))
+                if key in metrics
             )
             console.log(
                 f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, {validation}"

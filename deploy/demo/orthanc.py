@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from deploy.demo.process import kill_process, stop_process
+
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
@@ -101,20 +103,12 @@ class LocalOrthanc:
         raise RuntimeError(f"Orthanc did not answer within {timeout} s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, timeout=15)
         self._proc = None
 
     def kill(self) -> None:
         """Stop at once (a crash), keeping the storage folder for a restart."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        kill_process(self._proc)
         self._proc = None
 
     def remove(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -265,17 +266,23 @@ class SourceCondition(_Test):
         return matched
 
 
+def _group(members: list[Any], combine: Callable[[Iterable[bool]], bool], label: str,
+           ctx: StudyContext, series: SeriesView, trace: Trace | None, depth: int) -> bool:
+    """Evaluate ``all``/``any``: short-circuit when not tracing, every member when explaining."""
+    if trace is None:
+        return combine(c.evaluate(ctx, series) for c in members)
+    at = len(trace.lines)
+    result = combine([c.evaluate(ctx, series, trace, depth + 1) for c in members])
+    trace.lines.insert(at, TraceLine(depth, label, result))
+    return result
+
+
 class AllCondition(_Strict):
     all: list[Condition] = Field(min_length=1)
 
     def evaluate(self, ctx: StudyContext, series: SeriesView, trace: Trace | None = None,
                  depth: int = 0) -> bool:
-        if trace is None:
-            return all(c.evaluate(ctx, series) for c in self.all)
-        at = len(trace.lines)
-        results = [c.evaluate(ctx, series, trace, depth + 1) for c in self.all]
-        trace.lines.insert(at, TraceLine(depth, "all of:", all(results)))
-        return all(results)
+        return _group(self.all, all, "all of:", ctx, series, trace, depth)
 
 
 class AnyCondition(_Strict):
@@ -283,12 +290,7 @@ class AnyCondition(_Strict):
 
     def evaluate(self, ctx: StudyContext, series: SeriesView, trace: Trace | None = None,
                  depth: int = 0) -> bool:
-        if trace is None:
-            return any(c.evaluate(ctx, series) for c in self.any)
-        at = len(trace.lines)
-        results = [c.evaluate(ctx, series, trace, depth + 1) for c in self.any]
-        trace.lines.insert(at, TraceLine(depth, "any of:", any(results)))
-        return any(results)
+        return _group(self.any, any, "any of:", ctx, series, trace, depth)
 
 
 class NotCondition(_Strict):
