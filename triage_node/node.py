@@ -102,7 +102,8 @@ class Node:
             outbox=self.outbox, default_destinations=list(config.default_destinations),
             worklist=self.worklist, jobs=self.jobs)
         self.assembler = StudyAssembler(self.db, config.assembly, self.jobs, self._priority_of)
-        self.ingestor = Ingestor(self.spool, self.index)
+        self.ingestor = Ingestor(self.spool, self.index,
+                                 min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024)
         self.receiver = DicomReceiver(config.dicom, self.ingestor)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.workers = [Worker(f"worker-{i}", self.jobs, self.processor)

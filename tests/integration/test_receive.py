@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +123,18 @@ def test_empty_trust_list_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="trusted_callers is empty"):
         DicomReceiver(DicomConfig(), Ingestor(Spool(tmp_path / "spool"),
                                               InstanceIndex(db, KeyMaker(b"k"))))
+
+
+def test_disk_below_watermark_is_out_of_resources(receiver: DicomReceiver) -> None:
+    free = shutil.disk_usage(receiver.ingestor.spool.root).free
+    receiver.ingestor.min_free_bytes = free * 2  # the disk now counts as full
+    assoc = _scu(receiver)
+    status = assoc.send_c_store(pydicom.dcmread(_testfile("CT_small.dcm"))).Status
+    assert assoc.send_c_echo().Status == 0  # the node keeps serving
+    assoc.release()
+    assert status == StoreStatus.OUT_OF_RESOURCES
+    assert not list((receiver.ingestor.spool.root / "studies").rglob("*"))
+    receiver.ingestor.min_free_bytes = 0
+    assoc = _scu(receiver)
+    assert assoc.send_c_store(pydicom.dcmread(_testfile("CT_small.dcm"))).Status == 0
+    assoc.release()

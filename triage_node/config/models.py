@@ -45,6 +45,8 @@ class DicomConfig(_Strict):
     trusted_callers: list[TrustedCaller] = Field(default_factory=list)
     """Calling AE titles accepted. Empty means nobody may send (secure by default)."""
     max_associations: int = Field(default=8, ge=1, le=64)
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+    """Below this much free space in the data dir, instances are refused (C-STORE 0xA700)."""
     max_pdu_bytes: int = Field(default=262_144, ge=0)
     """Maximum PDU size we announce; larger PDUs mean fewer round trips for big images."""
 
