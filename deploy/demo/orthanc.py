@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -110,10 +109,6 @@ class LocalOrthanc:
         """Stop at once (a crash), keeping the storage folder for a restart."""
         kill_process(self._proc)
         self._proc = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalOrthanc:
         return self.start()

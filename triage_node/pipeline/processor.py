@@ -11,6 +11,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Protocol
 
@@ -57,8 +58,6 @@ class StudyOutcome:
 
 
 def _encode_file(ds: Dataset) -> bytes:
-    from io import BytesIO
-
     buffer = BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()

@@ -185,8 +185,3 @@ class InstanceIndex:
             )
         return RecordOutcome(study_key, new_instance=True, reopened=reopened,
                              replaced=existing is not None)
-
-    def instance_paths(self, series_uid: str) -> list[str]:
-        """Spool-relative paths of a series' current instances."""
-        rows = self.db.query("SELECT path FROM instances WHERE series_uid = ?", (series_uid,))
-        return [str(r["path"]) for r in rows]
