@@ -106,3 +106,37 @@ def test_keys_are_stable_and_opaque(tmp_path: Path) -> None:
     assert a.study_key("1.2.3") == b.study_key("1.2.3")
     assert a.study_key("1.2.3") != KeyMaker(b"other").study_key("1.2.3")
     assert "1.2.3" not in a.study_key("1.2.3")
+
+
+def test_instance_level_rules_see_each_instance_through_the_index(
+        index: InstanceIndex, tmp_path: Path) -> None:
+    import io
+
+    from triage_node.routing.context import study_context
+    from triage_node.routing.rules import Router, RuleSet
+
+    spool = Spool(tmp_path / "spool")
+    base = pydicom.dcmread(_ct_path())
+    for n in (1, 2, 3):
+        base.SOPInstanceUID = f"{base.SeriesInstanceUID}.{n}"
+        base.InstanceNumber = n
+        base.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if n == 3 else "AXIAL"]
+        buffer = io.BytesIO()
+        base.save_as(buffer)
+        data = buffer.getvalue()
+        header = read_header(data)
+        index.record(header, spool.store("s", header.sop_instance_uid, data), SRC)
+
+    def matches(condition: dict[str, object]) -> bool:
+        router = Router(RuleSet.model_validate(
+            {"rules": [{"name": "r", "detectors": ["d"], "when": condition}]}))
+        ctx = study_context(index.db, str(base.StudyInstanceUID), with_instances=True)
+        assert len(ctx.series[0].instances) == 3
+        return router.decide(ctx).matched
+
+    assert matches({"attribute": "ImageType", "level": "instance", "contains": "LOCALIZER"})
+    assert not matches({"attribute": "ImageType", "contains": "LOCALIZER"})  # series = first
+    assert matches({"attribute": "InstanceNumber", "level": "instance", "equals": "3"})
+    assert not matches({"attribute": "InstanceNumber", "level": "instance", "equals": "4"})
+    # an attribute no instance overrides falls back to the series' value
+    assert matches({"attribute": "Modality", "level": "instance", "equals": "CT"})

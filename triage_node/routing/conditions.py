@@ -60,7 +60,8 @@ def check_attribute_name(name: str) -> str:
 class SeriesView:
     """What routing sees of a series: its opaque key, instance count and indexed attributes.
 
-    ``instances`` holds each instance's attributes (only loaded when a rule has an
+    ``instances`` holds, per instance, the attributes whose value differs from the series'
+    ``attributes`` (only loaded when a rule has an
     instance-level condition).
     """
 
@@ -233,8 +234,10 @@ class AttributeCondition(_Test):
         if self.level == "instance":
             seen: list[str] = []
             matched = False
-            for attrs in series.instances or (series.attributes,):
-                values = _as_values(attrs.get(self.attribute))
+            for delta in series.instances or ({},):
+                # An instance's value is its own where it differs, else the series' value.
+                raw = delta.get(self.attribute, series.attributes.get(self.attribute))
+                values = _as_values(raw)
                 if not seen and values:
                     seen = values
                 if self.test(values):

@@ -7,7 +7,7 @@ from typing import Any
 
 from triage_node.errors import InvalidDicomError
 from triage_node.routing.conditions import SeriesView, StudyContext
-from triage_node.spool.index import InstanceHeader, Source
+from triage_node.spool.index import InstanceHeader, Source, attribute_delta
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
 
@@ -33,7 +33,7 @@ def context_from_headers(headers: list[InstanceHeader], source: Source,
         views.append(SeriesView(
             series_uid=series_uid, series_key=keys.series_key(series_uid),
             instance_count=len({m.sop_instance_uid for m in members}), attributes=first,
-            instances=tuple({**first, **m.attributes} for m in members)))
+            instances=tuple(attribute_delta(first, m.attributes) for m in members)))
     views.sort(key=lambda v: v.series_key)
     return build_context(headers[0].attributes, views, source)
 
@@ -56,8 +56,7 @@ def study_context(db: Database, study_uid: str, *, with_instances: bool = False)
             deltas = db.query(
                 "SELECT attrs_delta_json FROM instances WHERE series_uid = ?",
                 (r["series_uid"],))
-            instances = tuple({**attrs, **json.loads(d["attrs_delta_json"])}
-                              for d in deltas)
+            instances = tuple(json.loads(d["attrs_delta_json"]) for d in deltas)
         views.append(SeriesView(series_uid=r["series_uid"], series_key=r["series_key"],
                                 instance_count=r["instance_count"], attributes=attrs,
                                 instances=instances))
