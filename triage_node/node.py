@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC
 from pathlib import Path
 from urllib.parse import urlparse
@@ -153,11 +152,7 @@ class Node:
     # --- admin operations used by the API ---------------------------------------------------
 
     def _dicomweb(self) -> DicomWebSource:
-        cfg = self.config.orthanc
-        user = os.environ.get(cfg.username_env)
-        password = os.environ.get(cfg.password_env)
-        return DicomWebSource(cfg.url, auth=(user, password) if user and password else None,
-                              timeout=cfg.timeout_seconds)
+        return DicomWebSource.for_orthanc(self.config.orthanc)
 
     def detector_specs(self) -> dict[str, DetectorSeriesSpec]:
         return {name: DetectorSeriesSpec(self.selections.get(name, SeriesSelection()),
@@ -193,8 +188,7 @@ class Node:
         origin = Source(calling_ae="DICOMWEB", called_ae=self.config.dicom.ae_title,
                         host=urlparse(self.config.orthanc.url).hostname or "")
         outcomes = [self.ingestor.ingest(data, origin) for data in instances]
-        if not any(o.status is IngestStatus.STORED or o.status is IngestStatus.DUPLICATE
-                   for o in outcomes):
+        if not any(o.in_spool for o in outcomes):
             raise InvalidDicomError("the archive returned no usable instance of the study")
         generation = self.assembler.force_complete(uid)
         return {"study_key": self.keys.study_key(uid), "instances": len(instances),

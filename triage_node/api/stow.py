@@ -40,7 +40,7 @@ def stow_response(outcomes: list[IngestOutcome]) -> tuple[int, dict[str, Any]]:
     referenced, failed = [], []
     warned = False
     for outcome in outcomes:
-        if outcome.status in (IngestStatus.STORED, IngestStatus.DUPLICATE):
+        if outcome.in_spool:
             referenced.append(_item(outcome))
         elif outcome.status is IngestStatus.QUARANTINED:
             warned = True

@@ -155,10 +155,7 @@ def _cmd_rules_explain(args: argparse.Namespace) -> int:
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
     else:
-        user = os.environ.get(config.orthanc.username_env)
-        password = os.environ.get(config.orthanc.password_env)
-        web = DicomWebSource(config.orthanc.url,
-                             auth=(user, password) if user and password else None)
+        web = DicomWebSource.for_orthanc(config.orthanc)
         try:
             headers = headers_from_metadata(web.metadata(web.resolve_study_uid(args.study)))
         finally:

@@ -6,11 +6,13 @@ through the node again after the rules changed (whole instances).
 
 from __future__ import annotations
 
+import os
 import re
 
 import httpx
 from pydicom.dataset import Dataset
 
+from triage_node.config.models import OrthancConfig
 from triage_node.errors import DeliveryError, InvalidDicomError
 from triage_node.receive.multipart import parse_multipart_related
 
@@ -25,6 +27,14 @@ class DicomWebSource:
         self.base_url = base_url.rstrip("/")
         self.root = self.base_url + root
         self._client = httpx.Client(auth=auth, timeout=timeout)
+
+    @classmethod
+    def for_orthanc(cls, config: OrthancConfig) -> DicomWebSource:
+        """The configured Orthanc, with the credentials from the environment it names."""
+        user = os.environ.get(config.username_env)
+        password = os.environ.get(config.password_env)
+        return cls(config.url, auth=(user, password) if user and password else None,
+                   timeout=config.timeout_seconds)
 
     def close(self) -> None:
         self._client.close()

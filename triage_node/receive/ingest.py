@@ -41,9 +41,14 @@ class IngestOutcome:
     sop_class_uid: str = ""
 
     @property
+    def in_spool(self) -> bool:
+        """The instance is in the spool and will be processed (new or already there)."""
+        return self.status in (IngestStatus.STORED, IngestStatus.DUPLICATE)
+
+    @property
     def accepted(self) -> bool:
-        return self.status in (IngestStatus.STORED, IngestStatus.DUPLICATE,
-                               IngestStatus.QUARANTINED)
+        """The sender may forget the instance: it is in the spool or in quarantine."""
+        return self.in_spool or self.status is IngestStatus.QUARANTINED
 
 
 class Ingestor:
