@@ -61,6 +61,7 @@ integration: install
 bench: install
 	$(PY) -m bench.time_to_flag
 	$(PY) -m bench.routing
+	$(PY) -m bench.encode
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from trainers.recipes import RECIPES, DetectorRecipe, get_recipe
+from trainers.recipes import RECIPES, ClassifierRecipe, DetectorRecipe, get_recipe
 from triage_node.detectors.segmentation import DEFAULT_CRITICAL_VOLUME_ML
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _engine_dir(recipe: DetectorRecipe, given: Path | None) -> Path:
+def _engine_dir(recipe: DetectorRecipe | ClassifierRecipe, given: Path | None) -> Path:
     return given if given is not None else REPO_ROOT / "fixtures" / "engines" / recipe.name
 
 
-def _run_dir(recipe: DetectorRecipe, seed: int, given: Path | None) -> Path:
+def _run_dir(recipe: DetectorRecipe | ClassifierRecipe, seed: int, given: Path | None) -> Path:
     return (
         given
         if given is not None
@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = get_recipe(args.detector)
     console = Console()
     torch.set_num_threads(args.threads)
+    if isinstance(recipe, ClassifierRecipe):
+        return _classification(args, recipe, console)
 
     if args.command == "train":
         from trainers.export import export_engine
@@ -151,6 +153,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         out = args.out or REPO_ROOT / "docs" / "detectors" / f"{recipe.name}.md"
         write_card(recipe, _engine_dir(recipe, args.engine_dir), out)
+        console.log(f"model card written: {out}")
+        return 0
+    return 2
+
+
+def _classification(args: argparse.Namespace, recipe: ClassifierRecipe, console: Console) -> int:
+    """The same commands for a whole-image classifier (``trainers.classification``)."""
+    from trainers import classification
+    from trainers.train import CHECKPOINT
+
+    run_dir = _run_dir(recipe, getattr(args, "seed", 0), getattr(args, "run_dir", None))
+    if args.command in ("train", "export"):
+        if args.command == "train":
+            epochs = args.epochs if args.epochs is not None else recipe.training.epochs
+            started = time.perf_counter()
+            checkpoint = classification.train_classifier(
+                recipe, seed=args.seed, epochs=epochs, run_dir=run_dir, threads=args.threads,
+                fresh=args.fresh, console=console,
+            )
+            console.log(f"training finished in {(time.perf_counter() - started) / 60:.1f} min")
+            if args.no_export:
+                return 0
+        else:
+            checkpoint = run_dir / CHECKPOINT
+        manifest = classification.export_classifier(
+            recipe, checkpoint, _engine_dir(recipe, args.out), seed=args.seed
+        )
+        console.log(f"engine written: {manifest}")
+        return 0
+    engine_dir = _engine_dir(recipe, args.engine_dir)
+    if args.command == "evaluate":
+        report = classification.evaluate_classifier(
+            recipe, engine_dir, seed=args.seed, threads=args.threads, cases=args.cases,
+            console=console,
+        )
+        m = report["metrics"]
+        console.log(
+            f"AUC {m['auc']['value']} (95 % CI {m['auc']['ci95'][0]}–{m['auc']['ci95'][1]}), "
+            f"sensitivity {m['sensitivity']['value']} ({m['sensitivity']['successes']}/"
+            f"{m['sensitivity']['n']}), specificity {m['specificity']['value']} "
+            f"({m['specificity']['successes']}/{m['specificity']['n']}) at threshold "
+            f"{report['probability_threshold']:.4f} → {engine_dir / classification.EVALUATION_FILE}"
+        )
+        return 0
+    if args.command == "card":
+        out = args.out or REPO_ROOT / "docs" / "detectors" / f"{recipe.name}.md"
+        classification.write_classification_card(recipe, engine_dir, out)
         console.log(f"model card written: {out}")
         return 0
     return 2

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
-from monai.networks.layers import Norm
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.layers import Act, Norm
 from monai.networks.nets import UNet
 
+from trainers.phantoms.chest_xr import PHANTOM_VERSION as CXR_PHANTOM_VERSION
 from trainers.phantoms.head_ct import PHANTOM_VERSION
 from triage_node.detectors.manifest import CodeSpec, LabelSpec, TransformSpec
 
@@ -213,12 +217,210 @@ CT_HEAD_HEMORRHAGE = DetectorRecipe(
     ),
 )
 
-RECIPES: dict[str, DetectorRecipe] = {CT_HEAD_HEMORRHAGE.name: CT_HEAD_HEMORRHAGE}
+RECIPES: dict[str, DetectorRecipe | ClassifierRecipe] = {
+    CT_HEAD_HEMORRHAGE.name: CT_HEAD_HEMORRHAGE
+}
 
 
-def get_recipe(name: str) -> DetectorRecipe:
+def get_recipe(name: str) -> DetectorRecipe | ClassifierRecipe:
     """The recipe called ``name``; ``KeyError`` lists the known names otherwise."""
     try:
         return RECIPES[name]
     except KeyError:
         raise KeyError(f"unknown detector {name!r}; known: {', '.join(sorted(RECIPES))}") from None
+
+
+# --- classification (2-D projection radiographs) -------------------------------------------
+
+
+class CamClassifier(torch.nn.Module):
+    """A small 2-D residual encoder whose linear head runs before the global average pool.
+
+    ``features`` is a MONAI ``Convolution`` stem followed by MONAI ``ResidualUnit`` blocks
+    (``features[-1]`` is the last convolutional block, the one Grad-CAM/CAM looks at);
+    ``head`` is the classifier's linear unit written as a 1×1 convolution. ``forward``
+    returns the class-logit map ``[B, 1, h, w]``; :meth:`logit` pools it. Because average
+    pooling and a linear map commute, ``logit(forward(x))`` equals the usual
+    GAP-then-linear classifier exactly, and ``forward(x) - head.bias`` is its class
+    activation map.
+    """
+
+    def __init__(self, channels: tuple[int, ...], strides: tuple[int, ...], subunits: int):
+        super().__init__()
+        layers: list[torch.nn.Module] = [
+            Convolution(
+                spatial_dims=2,
+                in_channels=1,
+                out_channels=channels[0],
+                strides=strides[0],
+                kernel_size=5,
+                act=Act.RELU,
+                norm=Norm.BATCH,
+            )
+        ]
+        for c_in, c_out, stride in zip(channels[:-1], channels[1:], strides[1:], strict=True):
+            layers.append(
+                ResidualUnit(
+                    spatial_dims=2,
+                    in_channels=c_in,
+                    out_channels=c_out,
+                    strides=stride,
+                    subunits=subunits,
+                    act=Act.RELU,
+                    norm=Norm.BATCH,
+                )
+            )
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Conv2d(channels[-1], 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+    @staticmethod
+    def logit(class_map: torch.Tensor) -> torch.Tensor:
+        """Image logits ``[B]`` from class-logit maps ``[B, 1, h, w]``."""
+        return class_map.mean(dim=(1, 2, 3))
+
+
+@dataclass(frozen=True)
+class ClassifierNetworkSpec:
+    """A :class:`CamClassifier`."""
+
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    subunits: int = 2
+
+    def build(self) -> CamClassifier:
+        """A freshly initialised network."""
+        return CamClassifier(self.channels, self.strides, self.subunits)
+
+    @property
+    def divisor(self) -> int:
+        """Total stride: the class map is the input size divided by this."""
+        return math.prod(self.strides)
+
+
+@dataclass(frozen=True)
+class ClassifierTrainingSpec:
+    """Synthetic radiographs and schedule: about 20 minutes on one CPU thread."""
+
+    train_cases: int
+    val_cases: int
+    positive_fraction: float
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    flip_probability: float = 0.5
+    target_sensitivity: float = 0.95
+    """The operating threshold is the highest that keeps this sensitivity on validation."""
+
+
+@dataclass(frozen=True)
+class ClassifierEvaluationSpec:
+    """Held-out phantoms (``test`` split), generated on several matrix sizes."""
+
+    cases: int
+    shapes: tuple[tuple[int, int], ...]
+    bootstrap: int = 2000
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """A whole-image classifier of projection radiographs with a CAM heatmap."""
+
+    name: str
+    version: str
+    description: str
+    modalities: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    preprocessing: tuple[TransformSpec, ...]
+    label: LabelSpec
+    network: ClassifierNetworkSpec
+    training: ClassifierTrainingSpec
+    evaluation: ClassifierEvaluationSpec
+    intended_use: str
+    limitations: tuple[str, ...] = field(default_factory=tuple)
+    task: str = "classification"
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes what training produces (for resume)."""
+        payload = {
+            "input_shape": self.input_shape,
+            "preprocessing": [s.model_dump() for s in self.preprocessing],
+            "network": asdict(self.network),
+            "training": asdict(self.training),
+            "phantom_version": CXR_PHANTOM_VERSION,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def data_fingerprint(self) -> str:
+        """Short hash of what the cached training data depends on (not the schedule)."""
+        t = self.training
+        payload = {
+            "input_shape": self.input_shape,
+            "preprocessing": [s.model_dump() for s in self.preprocessing],
+            "cases": (t.train_cases, t.val_cases, t.positive_fraction),
+            "phantom_version": CXR_PHANTOM_VERSION,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+CXR_PNEUMOTHORAX = ClassifierRecipe(
+    name="cxr-pneumothorax",
+    version="0.1.0",
+    description=(
+        "Classifies a frontal chest radiograph (CR/DX) as showing a pneumothorax or not, with "
+        "a class-activation heatmap and its peak region; positive images are critical. "
+        "Trained on procedural phantoms only: a pipeline demonstrator, no clinical accuracy."
+    ),
+    modalities=("CR", "DX"),
+    input_shape=(1, 256, 256),
+    preprocessing=(
+        # Whole image to the network grid (area averaging, like a coarser detector), then a
+        # window from the image's own 0.5–99.5th percentiles: robust to 12/14/16-bit storage
+        # and to exposure and processing differences.
+        TransformSpec(name="Resize", args={"spatial_size": [1, 256, 256], "mode": "area"}),
+        TransformSpec(
+            name="ScaleIntensityRangePercentiles",
+            args={"lower": 0.5, "upper": 99.5, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        ),
+    ),
+    label=LabelSpec(
+        channel=0,
+        label="pneumothorax",
+        category=CodeSpec(value="49755003", meaning="Morphologically Altered Structure"),
+        finding_type=CodeSpec(value="36118008", meaning="Pneumothorax"),
+        anatomic_region=CodeSpec(value="3120008", meaning="Pleural membrane structure"),
+    ),
+    network=ClassifierNetworkSpec(channels=(16, 24, 48, 96), strides=(2, 2, 2, 2)),
+    training=ClassifierTrainingSpec(
+        train_cases=2400,
+        val_cases=400,
+        positive_fraction=0.5,
+        epochs=12,
+        batch_size=16,
+        learning_rate=3e-3,
+        weight_decay=1e-4,
+    ),
+    evaluation=ClassifierEvaluationSpec(cases=200, shapes=((256, 256), (512, 512))),
+    intended_use=(
+        "Demonstrating and testing the triage node end to end on projection radiographs: "
+        "receiving a chest CR/DX, running a 2-D classification engine, writing its heatmap "
+        "and findings as DICOM and re-ordering the worklist. Not for use on patients."
+    ),
+    limitations=(
+        "Trained and evaluated on procedural phantoms only — no clinical accuracy is claimed "
+        "or measured.",
+        "Phantoms are frontal (PA-like) adult chests; lateral, AP supine (anterior/deep-sulcus "
+        "pneumothorax), paediatric films, chest tubes, tension signs, hydropneumothorax and "
+        "real-world devices are not represented.",
+        "The heatmap is a class activation map on a 16 × 16 grid (stride 16 on 256 × 256): "
+        "it shows where the evidence was, coarsely; it is not a segmentation.",
+    ),
+)
+
+RECIPES[CXR_PNEUMOTHORAX.name] = CXR_PNEUMOTHORAX

@@ -28,7 +28,7 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "urgency", "findings", "volume_ml", "score", "rule", "rules", "priority",
         "duration_s", "timings_s", "quiet_s", "count", "port", "host", "url", "ae_title",
         "calling_ae", "called_ae", "peer_host", "path", "config", "objects", "kind",
-        "items", "threads", "providers", "dropped_keys",
+        "items", "threads", "providers", "dropped_keys", "tls",
     }
 )
 """Keys a log event may carry. Values of these keys must never be patient data."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC
-from pathlib import Path
 from urllib.parse import urlparse
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -11,12 +10,12 @@ from pydicom.dataset import Dataset
 
 from triage_node.assembly.assembler import StudyAssembler
 from triage_node.config.loader import load_detector_configs
-from triage_node.config.models import NodeConfig
-from triage_node.deliver.folder import FolderDestination
-from triage_node.deliver.orthanc import OrthancDestination
+from triage_node.config.models import DetectorConfig, NodeConfig
+from triage_node.deliver.destinations import build_destinations
 from triage_node.deliver.outbox import Destination, Outbox
+from triage_node.detectors.classification import ClassificationDetector
 from triage_node.detectors.findings import DetectorResult
-from triage_node.detectors.manifest import Manifest
+from triage_node.detectors.manifest import Manifest, load_manifest
 from triage_node.detectors.segmentation import SegmentationDetector
 from triage_node.errors import InvalidDicomError
 from triage_node.imaging.volume import Volume
@@ -26,7 +25,7 @@ from triage_node.pipeline.processor import DetectorRuntime, StudyProcessor
 from triage_node.pipeline.worker import Worker
 from triage_node.receive.dicomweb import DicomWebSource
 from triage_node.receive.ingest import Ingestor, IngestStatus
-from triage_node.receive.scp import DicomReceiver
+from triage_node.receive.pool import ReceiverPool
 from triage_node.results import AlgorithmInfo, DeviceInfo, encode_results
 from triage_node.routing.context import context_from_headers, study_context
 from triage_node.routing.explain import (
@@ -38,6 +37,7 @@ from triage_node.routing.explain import (
 from triage_node.routing.reloader import RulesHolder
 from triage_node.routing.selection import SeriesSelection
 from triage_node.spool.index import InstanceIndex, Source
+from triage_node.spool.recovery import mark_clean_stop, recover
 from triage_node.spool.store import Spool
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
@@ -61,6 +61,15 @@ class ResultWriter:
         return encode_results(volume, result, self._algorithms[key])
 
 
+def build_detector(cfg: DetectorConfig) -> DetectorRuntime:
+    """The detector a config describes, by its manifest's task (segmentation, classification)."""
+    task = load_manifest(cfg.manifest, verify=False).task  # the detector verifies the engine
+    if task == "classification":
+        return ClassificationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads)
+    return SegmentationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
+                                critical_volume_ml=cfg.critical_volume_ml)
+
+
 class Node:
     """One triage node: everything is loaded and validated here, before anything listens."""
 
@@ -76,10 +85,7 @@ class Node:
 
         detector_configs = load_detector_configs(config.detectors_dir)
         self.detectors: dict[str, DetectorRuntime] = {
-            name: SegmentationDetector(
-                cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
-                critical_volume_ml=cfg.critical_volume_ml)
-            for name, cfg in detector_configs.items() if cfg.enabled
+            name: build_detector(cfg) for name, cfg in detector_configs.items() if cfg.enabled
         }
         self.selections = {name: cfg.series for name, cfg in detector_configs.items()}
         self.rules = RulesHolder(config.rules_file, known_detectors=set(self.detectors),
@@ -87,11 +93,7 @@ class Node:
 
         self.worklist = WorklistStore(self.db)
         self.jobs = JobQueue(self.db)
-        self.destinations: dict[str, Destination] = {
-            name: (OrthancDestination(config.orthanc) if dest.kind == "orthanc"
-                   else FolderDestination(name, dest.path or Path(name)))
-            for name, dest in config.destinations.items()
-        }
+        self.destinations: dict[str, Destination] = build_destinations(config)
         self.outbox = Outbox(self.db, self.results_root, self.destinations, config.delivery,
                              self.worklist)
         self.processor = StudyProcessor(
@@ -103,7 +105,7 @@ class Node:
         self.assembler = StudyAssembler(self.db, config.assembly, self.jobs, self._priority_of)
         self.ingestor = Ingestor(self.spool, self.index,
                                  min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024)
-        self.receiver = DicomReceiver(config.dicom, self.ingestor)
+        self.receiver = ReceiverPool(config, self.ingestor)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.workers = [Worker(f"worker-{i}", self.jobs, self.processor)
                         for i in range(config.workers)]
@@ -112,6 +114,7 @@ class Node:
         return self.processor.route(study_uid).priority.rank
 
     def start(self) -> None:
+        recover(self.config.data_dir, self.spool, self.index)
         requeued = self.jobs.requeue_interrupted()
         if requeued:
             log.warning("requeued jobs interrupted by a stop", stage="process", count=requeued)
@@ -147,6 +150,7 @@ class Node:
             if close is not None:
                 close()
         self.db.close()
+        mark_clean_stop(self.config.data_dir)
         log.info("node stopped", stage="node")
 
     # --- admin operations used by the API ---------------------------------------------------

@@ -55,6 +55,10 @@ class NodeProcess:
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 

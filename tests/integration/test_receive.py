@@ -85,11 +85,13 @@ def test_untrusted_calling_ae_and_wrong_called_ae_are_rejected(receiver: DicomRe
     assert _scu(receiver, called="NOTTRIAGE").is_rejected
 
 
-def test_trusted_title_from_the_wrong_host_is_refused(receiver: DicomReceiver) -> None:
+def test_trusted_title_from_the_wrong_host_is_rejected_at_association(
+        receiver: DicomReceiver) -> None:
     assoc = _scu(receiver, calling="WRONGHOST")
-    status = assoc.send_c_store(pydicom.dcmread(_testfile("CT_small.dcm"))).Status
-    assoc.release()
-    assert status == StoreStatus.NOT_AUTHORIZED
+    assert assoc.is_rejected
+    # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognized.
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 3)
     assert receiver.ingestor.index.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
 
 

@@ -199,3 +199,31 @@ def test_full_size_encode_is_fast(tmp_path: Path) -> None:
     assert seg is not None and seg.NumberOfFrames == 31
     # ~0.1 s warm on the 2-core dev machine; generous bound against shared-CPU noise.
     assert elapsed < 2.0
+
+
+def test_overlapping_segments_keep_their_own_pixels(
+    volume: Volume, mask: np.ndarray, tmp_path: Path
+) -> None:
+    # Overlapping masks cannot be one label map: the encoder falls back to stacked planes.
+    core = blob_mask(volume.shape, (20, 128, 110), (3, 8, 6))
+    assert (core & mask).any()
+    core_finding = dataclasses.replace(
+        hemorrhage_finding(core, volume, "CORE-1"), label="core"
+    )
+    seg = SegEncoder(algorithm_info()).encode(
+        volume, detector_result([hemorrhage_finding(mask, volume), core_finding])
+    )
+    assert seg is not None
+    path = tmp_path / "overlap.dcm"
+    seg.save_as(path)
+    assert dciodvfy(path)[0] == []
+    back = hd.seg.segread(path)
+    assert back.SegmentsOverlap == "YES"
+    slices = [k for k in range(volume.shape[0]) if mask[k].any()]
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[volume.source_datasets[k].SOPInstanceUID for k in slices],
+        segment_numbers=[1, 2],
+        combine_segments=False,
+    )
+    assert np.array_equal(pixels[..., 0].astype(bool), mask[slices])
+    assert np.array_equal(pixels[..., 1].astype(bool), core[slices])

@@ -140,3 +140,26 @@ def test_instance_level_rules_see_each_instance_through_the_index(
     assert not matches({"attribute": "InstanceNumber", "level": "instance", "equals": "4"})
     # an attribute no instance overrides falls back to the series' value
     assert matches({"attribute": "Modality", "level": "instance", "equals": "CT"})
+
+
+def test_fast_header_attributes_equal_pydicom_conversion_on_all_test_files() -> None:
+    """The raw-bytes fast path gives exactly what pydicom's conversion gives, file by file."""
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    from triage_node.spool.index import converted_attribute, header_attributes
+
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in get_testdata_files("*"):
+            try:
+                ds = pydicom.dcmread(name, stop_before_pixels=True, force=True)
+                expected = dict(filter(None, (converted_attribute(ds, t) for t in ds.keys())))
+            except Exception:  # noqa: BLE001 - pydicom's deliberately broken files
+                continue
+            fresh = pydicom.dcmread(name, stop_before_pixels=True, force=True)
+            assert header_attributes(fresh) == expected, name
+            checked += 1
+    assert checked > 100

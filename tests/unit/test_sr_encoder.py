@@ -97,8 +97,8 @@ def test_positive_result_gives_valid_linked_seg_and_sr(
 ) -> None:
     finding = hemorrhage_finding(mask, volume)
     objects = encode_results(volume, detector_result([finding]), algorithm_info())
-    assert [ds.Modality for ds in objects] == ["SEG", "SR"]
-    seg, sr = objects
+    assert [ds.Modality for ds in objects] == ["SEG", "SR", "KO"]
+    seg, sr, _kos = objects
     _save_and_validate(seg, tmp_path / "seg.dcm")
     path = _save_and_validate(sr, tmp_path / "sr.dcm")
 
@@ -194,7 +194,7 @@ def test_two_findings_reference_their_own_segments(
         tracking_id="EDEMA-1",
         mask=edema_mask,
     )
-    seg, sr = encode_results(
+    seg, sr, _kos = encode_results(
         volume, detector_result([hemorrhage_finding(mask, volume), edema]), algorithm_info()
     )
     _save_and_validate(seg, tmp_path / "seg.dcm")

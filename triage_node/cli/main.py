@@ -18,6 +18,8 @@ from triage_node.errors import TriageError
 
 if TYPE_CHECKING:
     from triage_node.routing.explain import DetectorSeriesSpec
+    from triage_node.spool.quarantine import Quarantine
+    from triage_node.state.db import Database
 
 DEFAULT_CONFIG = Path("conf/node.yaml")
 
@@ -41,9 +43,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from triage_node.api.app import create_app
     from triage_node.logging import configure_logging
     from triage_node.node import Node
+    from triage_node.receive import validate
 
     config = _load_config(args)
     configure_logging(config.logging.level)
+    validate.configure(config.limits)
     node = Node(config)
     app = create_app(node)
     server = uvicorn.Server(uvicorn.Config(
@@ -200,6 +204,177 @@ def _cmd_process(args: argparse.Namespace) -> int:
     return _api_call(args, "POST", "/api/studies/process", {"orthanc_study": args.orthanc_study})
 
 
+def _outbox_db(args: argparse.Namespace) -> tuple[NodeConfig, Database] | None:
+    from triage_node.state.db import Database
+
+    config = _load_config(args)
+    db_path = config.data_dir / "state.sqlite3"
+    if not db_path.exists():
+        print(f"triage-node: no state database at {db_path} (has the node run?)",
+              file=sys.stderr)
+        return None
+    return config, Database(db_path)
+
+
+def _cmd_outbox_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from triage_node.deliver.outbox import list_entries
+
+    opened = _outbox_db(args)
+    if opened is None:
+        return 2
+    _, db = opened
+    try:
+        entries = list_entries(db, status=args.status, destination=args.destination,
+                               limit=args.limit)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([e.to_dict(show_uids=args.show_uids) for e in entries], indent=2))
+        return 0
+    what = f"{args.status} " if args.status else ""
+    table = Table(title=f"triage-node outbox ({len(entries)} {what}entries)")
+    columns = ["id", "study", "destination", "kind", "status", "attempts", "created",
+               "next / dead at", "delivered", "last error"]
+    if args.show_uids:
+        columns.insert(2, "SOP instance")
+    for col in columns:
+        table.add_column(col)
+    colours = {"pending": "yellow", "delivered": "green", "dead": "bold red"}
+    for e in entries:
+        row = [str(e.id), e.study_uid if args.show_uids else (e.study_key or "-"),
+               e.destination, e.kind, f"[{colours.get(e.status, '')}]{e.status}[/]",
+               str(e.attempts), _fmt_time(e.created_at),
+               _fmt_time(e.next_attempt_at) if e.status != "delivered" else "-",
+               _fmt_time(e.delivered_at), e.last_error or ""]
+        if args.show_uids:
+            row.insert(2, e.sop_instance_uid)
+        table.add_row(*row)
+    Console(width=args.width).print(table)
+    return 0
+
+
+def _cmd_outbox_retry(args: argparse.Namespace) -> int:
+    from triage_node.deliver.outbox import list_entries, retry_dead
+
+    if not (args.ids or args.destination or args.all_dead):
+        print("triage-node: outbox retry needs --id N..., --destination NAME or --all-dead",
+              file=sys.stderr)
+        return 2
+    opened = _outbox_db(args)
+    if opened is None:
+        return 2
+    config, db = opened
+    try:
+        if args.destination is not None and args.destination not in config.destinations:
+            print(f"triage-node: destination {args.destination!r} is not in the config "
+                  f"(configured: {', '.join(sorted(config.destinations))}); retried entries "
+                  "would fail again", file=sys.stderr)
+            return 2
+        revived = retry_dead(db, ids=args.ids or (), destination=args.destination)
+        code = 0
+        if args.ids:
+            known = {e.id: e.status for e in list_entries(db, limit=1_000_000)}
+            for entry_id in sorted(set(args.ids) - set(revived)):
+                state = known.get(entry_id)
+                reason = "no such entry" if state is None else f"it is {state}, not dead"
+                print(f"triage-node: entry {entry_id} not retried: {reason}", file=sys.stderr)
+                code = 1
+    finally:
+        db.close()
+    print(f"{len(revived)} dead entr{'y' if len(revived) == 1 else 'ies'} queued for delivery"
+          + (f": {', '.join(map(str, revived))}" if revived else ""))
+    return code
+
+
+def _quarantine(args: argparse.Namespace) -> tuple[NodeConfig, Quarantine]:
+    from triage_node.spool.quarantine import Quarantine
+
+    config = _load_config(args)
+    return config, Quarantine(config.data_dir / "spool")
+
+
+def _cmd_quarantine_list(args: argparse.Namespace) -> int:
+    _, quarantine = _quarantine(args)
+    entries = [e.to_dict() for e in quarantine.entries()]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print("quarantine is empty")
+        return 0
+    print(f"{'id':33}  {'received (UTC)':20}  {'size':>9}  {'calling AE':16}  reason")
+    for e in entries:
+        print(f"{e['id']:33}  {e['received_at'] or '-':20}  {e['size']:>9}  "
+              f"{e['calling_ae'] or '-':16}  {e['reason']}")
+    return 0
+
+
+def _cmd_quarantine_show(args: argparse.Namespace) -> int:
+    _, quarantine = _quarantine(args)
+    summary = quarantine.summary(quarantine.get(args.id), show_phi=args.show_phi)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    for key in ("id", "received_at", "size", "calling_ae", "reason", "retries"):
+        print(f"{key + ':':14}{summary[key]}")
+    for key, value in summary["record"].items():
+        if key not in ("reason", "calling_ae", "retries"):
+            print(f"{key + ':':14}{value}")
+    print("header:")
+    for key, value in summary["header"].items():
+        print(f"  {key}: {value}")
+    if not args.show_phi:
+        print("(patient data, dates and UIDs hidden; --show-phi shows them)")
+    return 0
+
+
+def _cmd_quarantine_retry(args: argparse.Namespace) -> int:
+    from triage_node.logging import configure_logging
+    from triage_node.receive import validate
+    from triage_node.receive.ingest import Ingestor
+    from triage_node.spool.index import InstanceIndex
+    from triage_node.spool.store import Spool
+    from triage_node.state.db import Database
+    from triage_node.state.keys import KeyMaker
+
+    config, quarantine = _quarantine(args)
+    configure_logging(config.logging.level)  # JSON on stderr, PHI-free; stdout is the report
+    if args.all == bool(args.ids):
+        print("triage-node: give quarantine ids or --all", file=sys.stderr)
+        return 2
+    entries = quarantine.entries() if args.all else [quarantine.get(i) for i in args.ids]
+    # One set of limits for the pre-check and for the ingest path's read_header.
+    validate.configure(config.limits)
+    data_dir = config.data_dir
+    db = Database(data_dir / "state.sqlite3")
+    try:
+        ingestor = Ingestor(Spool(data_dir / "spool"),
+                            InstanceIndex(db, KeyMaker.for_data_dir(data_dir)),
+                            min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024)
+        results = quarantine.retry(entries, ingestor.ingest, config.limits)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            detail = f"study {r.study_key}" if r.released else r.reason
+            print(f"{r.id}  {r.outcome}  {detail}")
+        print(f"{sum(r.released for r in results)} of {len(results)} left the quarantine")
+    return 0 if all(r.released for r in results) else 1
+
+
+def _cmd_quarantine_delete(args: argparse.Namespace) -> int:
+    _, quarantine = _quarantine(args)
+    for entry in [quarantine.get(i) for i in args.ids]:
+        quarantine.remove(entry)
+        print(f"deleted {entry.id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage-node", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +428,53 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Orthanc study id or Study Instance UID")
     proc.add_argument("--api-url", default=None, help="the node's API (default: from config)")
     proc.set_defaults(func=_cmd_process)
+
+    quar = sub.add_parser("quarantine", help="list, show, retry or delete quarantined instances")
+    quar_sub = quar.add_subparsers(dest="quarantine_command", required=True)
+    q_list = quar_sub.add_parser("list", help="id, received time, size, calling AE, reason")
+    add_common(q_list)
+    q_list.add_argument("--json", action="store_true")
+    q_list.set_defaults(func=_cmd_quarantine_list)
+    q_show = quar_sub.add_parser("show", help="reason and header summary of one entry")
+    add_common(q_show)
+    q_show.add_argument("id")
+    q_show.add_argument("--show-phi", action="store_true",
+                        help="also print patient name/ID, accession number, dates and UIDs")
+    q_show.add_argument("--json", action="store_true")
+    q_show.set_defaults(func=_cmd_quarantine_show)
+    q_retry = quar_sub.add_parser(
+        "retry", help="re-ingest entries: usable ones go to the spool and are processed")
+    add_common(q_retry)
+    q_retry.add_argument("ids", nargs="*", metavar="ID")
+    q_retry.add_argument("--all", action="store_true", help="retry every entry")
+    q_retry.add_argument("--json", action="store_true")
+    q_retry.set_defaults(func=_cmd_quarantine_retry)
+    q_delete = quar_sub.add_parser("delete", help="delete entries (bytes and reason file)")
+    add_common(q_delete)
+    q_delete.add_argument("ids", nargs="+", metavar="ID")
+    q_delete.set_defaults(func=_cmd_quarantine_delete)
+
+    outbox = sub.add_parser("outbox", help="results waiting for delivery, delivered, or dead")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
+    ob_list = outbox_sub.add_parser("list", help="list outbox entries, newest first")
+    add_common(ob_list)
+    ob_list.add_argument("--status", choices=("pending", "delivered", "dead"), default=None)
+    ob_list.add_argument("--destination", default=None, help="only this destination")
+    ob_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ob_list.add_argument("--limit", type=int, default=200)
+    ob_list.add_argument("--show-uids", action="store_true",
+                         help="show Study/SOP Instance UIDs instead of opaque study keys")
+    ob_list.add_argument("--width", type=int, default=None, help="table width in characters")
+    ob_list.set_defaults(func=_cmd_outbox_list)
+    ob_retry = outbox_sub.add_parser(
+        "retry", help="make dead entries pending again (the running node sends them)")
+    add_common(ob_retry)
+    ob_retry.add_argument("--id", dest="ids", type=int, nargs="+", default=None, metavar="N",
+                          help="these entries (ids from `outbox list`)")
+    ob_retry.add_argument("--destination", default=None,
+                          help="dead entries of this destination")
+    ob_retry.add_argument("--all-dead", action="store_true", help="every dead entry")
+    ob_retry.set_defaults(func=_cmd_outbox_retry)
     return parser
 
 

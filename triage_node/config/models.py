@@ -7,6 +7,7 @@ files name the environment variables that hold them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
@@ -29,12 +30,34 @@ def _check_ae_title(value: str) -> str:
 
 
 class TrustedCaller(_Strict):
-    """A calling AE title allowed to associate; optionally only from one host address."""
+    """A calling AE title allowed to associate; optionally only from one host or network."""
 
     ae_title: str
     host: str | None = None
+    """An IP address (``10.1.2.3``) or network (``10.1.2.0/24``) the caller must come from."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network (e.g. 10.1.2.3 or "
+                             "10.1.2.0/24); host names are not accepted") from None
+        return value.strip()
+
+
+class TlsConfig(_Strict):
+    """DICOM TLS (PS3.15 B.1) on the receiver's port; paths to PEM files."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    """When set, callers must present a certificate signed by one of these CAs."""
 
 
 class DicomConfig(_Strict):
@@ -47,8 +70,14 @@ class DicomConfig(_Strict):
     max_associations: int = Field(default=8, ge=1, le=64)
     min_free_disk_mb: int = Field(default=1024, ge=0)
     """Below this much free space in the data dir, instances are refused (C-STORE 0xA700)."""
-    max_pdu_bytes: int = Field(default=262_144, ge=0)
-    """Maximum PDU size we announce; larger PDUs mean fewer round trips for big images."""
+    max_pdu_bytes: int = Field(default=1_048_576, ge=0)
+    """Maximum PDU size we announce (0: unlimited). Data is streamed to disk whatever the PDU
+    size, so a large value costs no memory and saves per-PDU work on big images."""
+    tls: TlsConfig | None = None
+    """When set, the port speaks DICOM TLS only."""
+    receiver_processes: int = Field(default=2, ge=1, le=16)
+    """Processes accepting associations on the port (one per core suits; see
+    docs/operations.md). ``max_associations`` is the limit across all of them."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -73,23 +102,124 @@ class OrthancConfig(_Strict):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
-class DestinationConfig(_Strict):
-    """A place results can be delivered to; rules name destinations by their key."""
+class DestinationTlsConfig(_Strict):
+    """TLS for a C-STORE destination (PS3.15 Annex B, secure transport connection profiles)."""
 
-    kind: Literal["orthanc", "folder"]
+    ca_file: Path | None = None
+    """CA certificate(s) that signed the archive's certificate; the system store if omitted."""
+    cert_file: Path | None = None
+    """This node's client certificate (PEM), for archives that authenticate their callers."""
+    key_file: Path | None = None
+    """The client certificate's private key (PEM); required with ``cert_file``."""
+    check_hostname: bool = True
+    """Check that the archive's certificate names ``host``."""
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.absolute() if value is not None else None
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls needs both cert_file and key_file, or neither")
+        return self
+
+
+_DESTINATION_FIELDS: dict[str, tuple[str, ...]] = {
+    "orthanc": (),
+    "folder": ("path",),
+    "dicomweb": ("url", "token_env", "username_env", "password_env", "timeout_seconds"),
+    "dicom": ("host", "port", "called_ae", "calling_ae", "tls", "timeout_seconds"),
+}
+_DESTINATION_REQUIRED: dict[str, tuple[str, ...]] = {
+    "folder": ("path",), "dicomweb": ("url",), "dicom": ("host", "port", "called_ae"),
+}
+
+
+class DestinationConfig(_Strict):
+    """A place results can be delivered to; rules name destinations by their key.
+
+    ``orthanc`` uses the node's ``orthanc`` section (REST API); ``folder`` writes files;
+    ``dicomweb`` is any archive with STOW-RS (PS3.18 10.5); ``dicom`` is any archive that
+    accepts C-STORE (PS3.4 Annex B). Each kind takes only its own keys, so a key meant for
+    another kind is an error rather than silently ignored.
+    """
+
+    kind: Literal["orthanc", "folder", "dicomweb", "dicom"]
     path: Path | None = None
-    """For ``folder``: where the objects are written."""
+    """``folder``: where the objects are written."""
+    url: str | None = None
+    """``dicomweb``: the service root (STOW-RS goes to ``{url}/studies``)."""
+    token_env: str | None = None
+    """``dicomweb``: environment variable holding a bearer token."""
+    username_env: str | None = None
+    """``dicomweb``: environment variable holding the basic-auth user name."""
+    password_env: str | None = None
+    """``dicomweb``: environment variable holding the basic-auth password."""
+    host: str | None = None
+    """``dicom``: the archive's host name or address."""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """``dicom``: the archive's DICOM port."""
+    called_ae: str | None = None
+    """``dicom``: the archive's AE title."""
+    calling_ae: str | None = None
+    """``dicom``: our AE title towards the archive (default: ``dicom.ae_title``)."""
+    tls: DestinationTlsConfig | None = None
+    """``dicom``: use TLS (omitted: plain TCP)."""
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    """``dicomweb``, ``dicom``: network timeout (default 30 s)."""
 
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.absolute() if value is not None else None
 
+    @field_validator("called_ae", "calling_ae")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return _check_ae_title(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> DestinationConfig:
+        allowed = _DESTINATION_FIELDS[self.kind]
+        others = [f for f in _DESTINATION_FIELDS["dicom"] + _DESTINATION_FIELDS["dicomweb"]
+                  + _DESTINATION_FIELDS["folder"]
+                  if f not in allowed and getattr(self, f) is not None]
+        if others:
+            takes = ", ".join(allowed) or "no other keys"
+            raise ValueError(f"{', '.join(sorted(set(others)))}: not used by kind {self.kind} "
+                             f"(it takes: {takes})")
+        missing = [f for f in _DESTINATION_REQUIRED.get(self.kind, ())
+                   if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"kind {self.kind} needs {', '.join(missing)}")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        if self.token_env is not None and (self.username_env or self.password_env):
+            raise ValueError("give token_env or username_env/password_env, not both")
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("basic authentication needs both username_env and password_env")
+        return self
+
 
 class DeliveryConfig(_Strict):
     retry_initial_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
     poll_interval_seconds: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=20, ge=1)
+    """Tries before a result that keeps failing with a retryable error becomes ``dead``
+    (with the default back-off, about an hour). ``triage-node outbox retry`` revives it."""
+
+
+class LimitsConfig(_Strict):
+    """Sanity limits applied to every received instance (``triage_node.receive.validate``)."""
+
+    max_pixels_per_instance: int = Field(default=1 << 30, ge=1)
+    """Rows × Columns × frames × samples above which an image is quarantined as absurd.
+
+    The default (about 1.07 G samples) passes a 1000-frame 512×512 CT and a full-field
+    mammogram; lower it on small nodes, raise it for whole-slide imaging."""
 
 
 class LoggingConfig(_Strict):
@@ -109,6 +239,7 @@ class NodeConfig(_Strict):
     orthanc: OrthancConfig = Field(default_factory=OrthancConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=lambda: {"orthanc": DestinationConfig(kind="orthanc")})
     """Destinations by name; ``kind: orthanc`` uses the ``orthanc`` section's connection."""
@@ -145,7 +276,8 @@ class DetectorConfig(_Strict):
     engine: Literal["onnxruntime"] = "onnxruntime"
     threads: int = Field(default=2, ge=1, le=64)
     critical_volume_ml: float = Field(default=1.0, ge=0)
-    """A finding at or above this volume makes the study ``critical``."""
+    """A finding at or above this volume makes the study ``critical`` (segmentation
+    detectors; a classification detector's operating threshold is in its manifest)."""
     enabled: bool = True
     series: SeriesSelection = Field(default_factory=SeriesSelection)
     """Which series of a routed study this detector may analyse (the best one is taken)."""

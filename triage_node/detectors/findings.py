@@ -69,6 +69,9 @@ class DetectorResult:
     threshold: float
     """The operating threshold on the score that was applied."""
     timings_s: dict[str, float] = field(default_factory=dict)
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+    """Where the model looked (e.g. Grad-CAM for 2D classifiers): float32 in [0, 1], the shape
+    of the analysed volume's array. Results encode it for viewers that show neither SEG nor SR."""
 
     @property
     def positive(self) -> bool:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from triage_node.detectors.findings import Code
 from triage_node.errors import ConfigError, InferenceError
@@ -51,7 +52,9 @@ class TransformSpec(_Strict):
 class InputSpec(_Strict):
     name: str = "image"
     shape: tuple[int, int, int]
-    """Network input spatial shape (z, y, x); batch and channel are 1."""
+    """Network input spatial shape (z, y, x); batch and channel are 1. A 2-D network
+    (``task: classification`` of a projection radiograph) has z = 1 and is fed
+    ``[1, 1, y, x]``: the preprocessing works on the one-slice volume, the network in 2-D."""
     dtype: Literal["float32"] = "float32"
 
 
@@ -76,10 +79,54 @@ class ParitySpec(_Strict):
     tolerance: float = 1e-4
 
 
+class CalibrationSpec(_Strict):
+    """Maps a classifier's logit ``z`` to a calibrated probability.
+
+    ``p = sigmoid(slope * z + intercept)``: Platt scaling; temperature scaling is the special
+    case ``intercept = 0``, ``slope = 1 / T``. Fitted on a validation split, never on the
+    held-out evaluation.
+    """
+
+    method: Literal["platt", "temperature"]
+    slope: float = Field(gt=0.0)
+    intercept: float = 0.0
+
+    def probability(self, logit: float) -> float:
+        z = self.slope * logit + self.intercept
+        # Numerically stable logistic function for either sign of z.
+        if z >= 0:
+            return 1.0 / (1.0 + math.exp(-z))
+        ez = math.exp(z)
+        return ez / (1.0 + ez)
+
+
+class ClassificationSpec(_Strict):
+    """How the single output of a ``task: classification`` network is read.
+
+    The network ends in global average pooling and one linear unit. The engine applies that
+    linear unit *before* the pooling, as a 1×1 convolution on the last convolutional feature
+    maps, and outputs the result ``[1, 1, h, w]`` (``class_logit_map``): its spatial mean is
+    exactly the image logit (pooling and a linear map commute), and the map minus the head's
+    bias is the class activation map (CAM, Zhou et al. 2016), which for this architecture is
+    Grad-CAM up to a positive factor (the gradient of the logit with respect to every feature
+    location is the head weight divided by h·w).
+    """
+
+    output: Literal["class_logit_map"] = "class_logit_map"
+    head_bias: float
+    """Bias of the linear head: ``CAM = map - head_bias``."""
+    calibration: CalibrationSpec
+    target_sensitivity: float = Field(gt=0.0, le=1.0)
+    """Sensitivity on the validation split that chose ``probability_threshold``."""
+    region_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """The reported region is the connected part of the heatmap at or above this fraction
+    of its maximum that holds the peak."""
+
+
 class Manifest(_Strict):
     name: str
     version: str
-    task: Literal["segmentation"] = "segmentation"
+    task: Literal["segmentation", "classification"] = "segmentation"
     description: str
     modalities: list[str]
     input: InputSpec
@@ -87,13 +134,32 @@ class Manifest(_Strict):
     output: OutputSpec
     labels: list[LabelSpec]
     probability_threshold: float = Field(gt=0.0, lt=1.0)
-    """Voxel probability at or above which a voxel belongs to a finding."""
-    min_component_ml: float = Field(ge=0.0)
-    """Connected components smaller than this are discarded as noise."""
+    """Voxel probability at or above which a voxel belongs to a finding (segmentation), or
+    calibrated image probability at or above which the image is positive (classification)."""
+    min_component_ml: float = Field(default=0.0, ge=0.0)
+    """Connected components smaller than this are discarded as noise (segmentation)."""
     engine: EngineFileSpec
     parity: ParitySpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     """Free-form provenance: seed, epochs, data description, held-out metrics."""
+    classification: ClassificationSpec | None = None
+    """Required for, and only allowed with, ``task: classification``."""
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> Manifest:
+        if self.task == "classification":
+            if self.classification is None:
+                raise ValueError("task classification needs a 'classification' block")
+            if len(self.labels) != 1 or self.labels[0].channel != 0:
+                raise ValueError("task classification needs exactly one label, on channel 0")
+            if self.input.shape[0] != 1:
+                raise ValueError(
+                    f"task classification takes a one-slice input (1, y, x), got "
+                    f"{self.input.shape}"
+                )
+        elif self.classification is not None:
+            raise ValueError(f"a 'classification' block is not allowed with task {self.task}")
+        return self
 
     def engine_path(self, manifest_dir: Path) -> Path:
         return manifest_dir / self.engine.path

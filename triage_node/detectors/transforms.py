@@ -24,6 +24,7 @@ from monai.transforms import (
     NormalizeIntensity,
     Resize,
     ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
     ThresholdIntensity,
 )
 from monai.utils import convert_to_numpy
@@ -59,6 +60,11 @@ ALLOWED_TRANSFORMS: Mapping[str, AllowedTransform] = {
         },
     ),
     "ScaleIntensityRange": AllowedTransform(ScaleIntensityRange, spatial=False),
+    # Radiographs: stored values depend on bit depth (12/14/16), detector and processing, so
+    # the window comes from the image's own percentiles.
+    "ScaleIntensityRangePercentiles": AllowedTransform(
+        ScaleIntensityRangePercentiles, spatial=False
+    ),
     "ThresholdIntensity": AllowedTransform(ThresholdIntensity, spatial=False),
     "NormalizeIntensity": AllowedTransform(NormalizeIntensity, spatial=False),
 }

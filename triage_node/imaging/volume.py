@@ -16,6 +16,10 @@ class Volume:
     (Hounsfield units for CT, after Rescale Slope/Intercept). ``source_datasets`` are the
     instances in the same slice order as ``array`` (PS3.3 C.7.6.2: slices sorted along the
     normal of Image Orientation (Patient)); results reference them.
+
+    For a multi-frame source (Enhanced CT/MR, Legacy Converted Enhanced, PS3.3 C.7.6.16)
+    ``source_datasets`` holds each instance once and ``source_frames`` says, for every slice,
+    which instance and which frame (Referenced Frame Number, 1-based) it came from.
     """
 
     array: np.ndarray
@@ -29,6 +33,25 @@ class Volume:
     study_instance_uid: str
     series_instance_uid: str
     source_datasets: list[Dataset] = field(repr=False)
+    source_frames: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+    """Per slice: (index into ``source_datasets``, frame number starting at 1). Empty means
+    one single-frame instance per slice, ``source_datasets[k]`` for slice ``k``."""
+
+    @property
+    def is_multi_frame_source(self) -> bool:
+        """True when some slice is a frame of a multi-frame instance (not one instance each)."""
+        return bool(self.source_frames) and len(self.source_datasets) != len(self.source_frames)
+
+    def slice_source(self, index: int) -> tuple[Dataset, int]:
+        """The instance slice ``index`` came from and its frame number there (1 if single-frame).
+
+        Use this, not ``source_datasets[index]``, wherever a result references one slice
+        (Referenced Frame Number, PS3.3 C.7.6.16.2.6 / 10.3): it is right for both kinds.
+        """
+        if not self.source_frames:
+            return self.source_datasets[index], 1
+        dataset_index, frame_number = self.source_frames[index]
+        return self.source_datasets[dataset_index], frame_number
 
     @property
     def shape(self) -> tuple[int, int, int]:

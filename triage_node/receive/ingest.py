@@ -8,14 +8,16 @@ protocol (a C-STORE status, a STOW-RS failure reason).
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
 from triage_node.errors import InvalidDicomError, UnusableDicomError
 from triage_node.logging import get_logger
-from triage_node.spool.index import InstanceIndex, Source, read_header
-from triage_node.spool.store import Spool
+from triage_node.spool.index import InstanceHeader, InstanceIndex, Source, read_header
+from triage_node.spool.store import IncomingFile, Spool, SpooledFile
 
 log = get_logger(__name__)
 
@@ -57,6 +59,7 @@ class Ingestor:
         self.index = index
         self.min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
+        self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-flush")
         self.counters = {s.value: 0 for s in IngestStatus}
 
     def _count(self, outcome: IngestOutcome) -> IngestOutcome:
@@ -64,30 +67,101 @@ class Ingestor:
             self.counters[outcome.status.value] += 1
         return outcome
 
+    def has_space(self) -> bool:
+        """Free disk is above the configured watermark."""
+        return not (self.min_free_bytes
+                    and shutil.disk_usage(self.spool.root).free < self.min_free_bytes)
+
+    def refuse_no_space(self) -> IngestOutcome:
+        log.error("instance refused: free disk below watermark", stage="receive")
+        return self._count(IngestOutcome(IngestStatus.NO_SPACE,
+                                          "free disk below the node's watermark"))
+
     def ingest(self, data: bytes, source: Source) -> IngestOutcome:
-        if self.min_free_bytes and shutil.disk_usage(self.spool.root).free < self.min_free_bytes:
-            log.error("instance refused: free disk below watermark", stage="receive")
-            return self._count(IngestOutcome(IngestStatus.NO_SPACE, "free disk below watermark"))
+        """Ingest a whole instance held in memory (STOW-RS, a DICOMweb re-fetch)."""
+        if not self.has_space():
+            return self.refuse_no_space()
         try:
             header = read_header(data)
         except UnusableDicomError as exc:
             self.spool.quarantine(data, str(exc), {"calling_ae": source.calling_ae})
-            log.warning("instance quarantined", stage="receive", reason=str(exc),
-                        calling_ae=source.calling_ae)
-            return self._count(IngestOutcome(IngestStatus.QUARANTINED, str(exc)))
+            return self._quarantined(exc, source)
         except InvalidDicomError as exc:
-            log.warning("instance refused: cannot parse", stage="receive", reason=str(exc),
-                        calling_ae=source.calling_ae)
-            return self._count(IngestOutcome(IngestStatus.UNREADABLE, str(exc)))
+            return self._unreadable(exc, source)
         study_key = self.index.keys.study_key(header.study_uid)
         try:
             spooled = self.spool.store(study_key, header.sop_instance_uid, data)
-            outcome = self.index.record(header, spooled, source)
         except OSError as exc:
-            log.error("instance refused: cannot write spool", stage="receive",
-                      error=type(exc).__name__, reason=exc.strerror)
+            return self._write_failed(exc)
+        return self._record(header, spooled, source, study_key)
+
+    def ingest_incoming(self, incoming: IncomingFile, source: Source) -> IngestOutcome:
+        """Ingest an instance streamed to the spool's incoming folder (C-STORE).
+
+        The file is made durable first, then parsed, then renamed into its study folder (or
+        quarantine) and recorded; only then may the caller answer Success. On a refusal the
+        file is removed: the sender keeps responsibility for it.
+        """
+        # The flush to disk (which waits on the device, without the GIL) overlaps the header
+        # parse (which needs the CPU): both must be done before the rename and the answer.
+        sealing = self._flusher.submit(incoming.seal)
+        try:
+            data = incoming.path.read_bytes()
+            header: InstanceHeader | None = read_header(data)
+            problem: InvalidDicomError | None = None
+        except InvalidDicomError as exc:
+            header, problem = None, exc
+        except OSError as exc:
+            header, problem = None, InvalidDicomError(f"cannot read back: {exc.strerror}")
+        try:
+            sha256 = sealing.result()
+        except OSError as exc:
+            incoming.discard()
+            return self._write_failed(exc)
+        try:
+            if problem is not None:
+                raise problem
+            assert header is not None
+        except UnusableDicomError as exc:
+            self.spool.quarantine_incoming(incoming, sha256, str(exc),
+                                           {"calling_ae": source.calling_ae})
+            return self._quarantined(exc, source)
+        except InvalidDicomError as exc:
+            incoming.discard()
+            return self._unreadable(exc, source)
+        study_key = self.index.keys.study_key(header.study_uid)
+        try:
+            spooled = self.spool.adopt(incoming, sha256, study_key, header.sop_instance_uid)
+        except OSError as exc:
+            incoming.discard()
+            return self._write_failed(exc)
+        return self._record(header, spooled, source, study_key)
+
+    def _quarantined(self, exc: Exception, source: Source) -> IngestOutcome:
+        log.warning("instance quarantined", stage="receive", reason=str(exc),
+                    calling_ae=source.calling_ae)
+        return self._count(IngestOutcome(IngestStatus.QUARANTINED, str(exc)))
+
+    def _unreadable(self, exc: Exception, source: Source) -> IngestOutcome:
+        log.warning("instance refused: cannot parse", stage="receive", reason=str(exc),
+                    calling_ae=source.calling_ae)
+        return self._count(IngestOutcome(IngestStatus.UNREADABLE, str(exc)))
+
+    def _write_failed(self, exc: OSError) -> IngestOutcome:
+        log.error("instance refused: cannot write spool", stage="receive",
+                  error=type(exc).__name__, reason=exc.strerror)
+        return self._count(IngestOutcome(IngestStatus.WRITE_FAILED,
+                                          f"cannot write spool: {exc.strerror}"))
+
+    def _record(self, header: InstanceHeader, spooled: SpooledFile, source: Source,
+                study_key: str) -> IngestOutcome:
+        try:
+            outcome = self.index.record(header, spooled, source)
+        except sqlite3.Error as exc:
+            log.error("instance refused: cannot record it in the state database",
+                      stage="receive", error=type(exc).__name__)
             return self._count(IngestOutcome(IngestStatus.WRITE_FAILED,
-                                              f"cannot write spool: {exc.strerror}"))
+                                              "cannot record the instance in the state database"))
         if outcome.replaced:
             log.warning("instance re-sent with different content; newer bytes used",
                         stage="receive", study_key=study_key)

@@ -1,37 +1,68 @@
-"""The DICOM receiver: a pynetdicom SCP for C-ECHO and C-STORE.
+"""The DICOM receiver: a storage SCP (C-STORE, C-ECHO) built for throughput and durability.
 
-The C-STORE handler is kept small on purpose (it runs once per instance, in the association's
-thread): read the header, write the bytes as received, record them, answer. It never decodes
-pixel data; the imaging stage does that later. Every failure maps to a named status
-(:class:`~triage_node.receive.status.StoreStatus`), never an exception escaping to pynetdicom.
+Each association is served by one thread that reads PDUs straight from the socket and
+streams every data set fragment to a file in the spool's ``incoming/`` folder as it arrives
+(hashing it on the way): no instance is ever assembled in memory, nothing is decoded, and
+memory stays flat whatever the size or number of instances. When the last fragment is in, the
+file is made durable (``fdatasync``), its header is read, it is renamed into its study folder
+and recorded, and only then is Success sent (PS3.4 B.2.2: Success means we are responsible
+for the data). The codec is in :mod:`triage_node.receive.ul`; every failure maps to a named
+status (:class:`~triage_node.receive.status.StoreStatus`) or an A-ASSOCIATE-RJ with a reason.
+
+Security: the called AE title must be ours; the calling AE title must be on the trust list,
+and from the listed host or network when one is given; anything else is rejected at
+association with the matching A-ASSOCIATE-RJ reason. DICOM TLS is optional.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import multiprocessing
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom import (
-    AE,
-    ALL_TRANSFER_SYNTAXES,
-    AllStoragePresentationContexts,
-    _config,
-    evt,
-)
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from triage_node.config.models import DicomConfig
 from triage_node.errors import ConfigError
 from triage_node.logging import get_logger
 from triage_node.receive.ingest import Ingestor, IngestStatus
 from triage_node.receive.status import StoreStatus
+from triage_node.receive.ul import (
+    APPLICATION_CONTEXT,
+    Command,
+    CommandSet,
+    ContextResult,
+    PduType,
+    ProtocolError,
+    Reject,
+    decode_associate_rq,
+    decode_command,
+    encode_abort,
+    encode_associate_ac,
+    encode_associate_rj,
+    encode_p_data,
+    encode_release_rp,
+    encode_response,
+    file_meta,
+)
 from triage_node.spool.index import Source
-
-# pynetdicom logs request/response identifiers (patient names, IDs, UIDs) by default.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-_config.LOG_HANDLER_LEVEL = "none"
+from triage_node.spool.store import IncomingFile
 
 log = get_logger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
+    str(c.abstract_syntax) for c in AllStoragePresentationContexts if c.abstract_syntax)
+"""Every storage SOP class pynetdicom knows (its list follows PS3.4 Annex B.5)."""
+TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
+"""Accepted transfer syntaxes, in our order of preference (the first one proposed wins)."""
 
 _STATUS = {
     IngestStatus.STORED: StoreStatus.SUCCESS,
@@ -41,12 +72,104 @@ _STATUS = {
     IngestStatus.NO_SPACE: StoreStatus.OUT_OF_RESOURCES,
     IngestStatus.WRITE_FAILED: StoreStatus.PROCESSING_FAILURE,
 }
+UNRECOGNIZED_OPERATION = 0x0211
+_MAX_COMMAND_BYTES = 65_536
+_READ_CHUNK = 262_144
+_MIN_PDU = 4096
+
+
+def _peer_allowed(allowed: str | None, address: str) -> bool:
+    if allowed is None:
+        return True
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(allowed, strict=False)
+    except ValueError:
+        return False
+
+
+def tls_context(config: DicomConfig) -> ssl.SSLContext | None:
+    """The server TLS context from ``dicom.tls``, or None when TLS is off."""
+    tls = config.tls
+    if tls is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+        if tls.ca_certificates is not None:
+            context.load_verify_locations(str(tls.ca_certificates))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"dicom.tls: cannot load certificate, key or CA: {exc}") from exc
+    return context
+
+
+@dataclass
+class _Message:
+    """The DIMSE message being received on an association."""
+
+    context_id: int
+    command: CommandSet
+    incoming: IncomingFile | None = None
+    refusal: IngestStatus | None = None
+    """Set when the data set is read but thrown away (e.g. no disk space)."""
+    unrecognized: bool = False
+
+
+@dataclass
+class _Stats:
+    instances: int = 0
+    bytes: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+class AssociationLimit:
+    """Counts established associations across the receiving processes that share a port."""
+
+    def __init__(self, limit: int, counter: Any = None) -> None:
+        self.limit = limit
+        self.counter = (counter if counter is not None
+                        else multiprocessing.get_context("spawn").Value("i", 0))
+
+    def acquire(self) -> bool:
+        with self.counter.get_lock():
+            if self.counter.value >= self.limit:
+                return False
+            self.counter.value += 1
+            return True
+
+    def release(self) -> None:
+        with self.counter.get_lock():
+            self.counter.value -= 1
+
+
+def listen(config: DicomConfig) -> socket.socket:
+    """Bind and listen on the configured address; the socket can be shared by processes."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((config.host, config.port))
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"dicom: cannot listen on {config.host}:{config.port}: "
+                          f"{exc.strerror}") from exc
+    listener.listen(128)
+    # accept() wakes up twice a second to notice a stop; the processes sharing the socket
+    # poll it, and the one whose accept() loses the race simply polls again.
+    listener.settimeout(0.5)
+    return listener
 
 
 class DicomReceiver:
-    """C-ECHO/C-STORE SCP that spools instances durably before answering Success."""
+    """Storage SCP on ``dicom.host:dicom.port``; one thread per association.
 
-    def __init__(self, config: DicomConfig, ingestor: Ingestor) -> None:
+    ``listener`` and ``limit`` are given when several processes serve one port (see
+    :mod:`triage_node.receive.pool`); by default the receiver binds its own socket.
+    """
+
+    def __init__(self, config: DicomConfig, ingestor: Ingestor, *,
+                 listener: socket.socket | None = None,
+                 limit: AssociationLimit | None = None) -> None:
         if not config.trusted_callers:
             raise ConfigError(
                 "dicom.trusted_callers is empty: no sender would be allowed to associate; "
@@ -54,67 +177,347 @@ class DicomReceiver:
             )
         self.config = config
         self.ingestor = ingestor
-        self._server: Any = None
+        self.tls = tls_context(config)
+        self.max_pdu = config.max_pdu_bytes
+        self.acse_timeout = 30.0
+        self.network_timeout = 60.0
+        self._listener: socket.socket | None = listener
+        self._owns_listener = listener is None
+        self.limit = limit or AssociationLimit(config.max_associations)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._active: set[_Association] = set()
+        self._stopping = threading.Event()
 
-    def _build_ae(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
-        ae.maximum_associations = self.config.max_associations
-        ae.maximum_pdu_size = self.config.max_pdu_bytes
-        ae.require_called_aet = True
-        ae.require_calling_aet = [c.ae_title for c in self.config.trusted_callers]
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        return ae
+    # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start listening (non-blocking)."""
-        ae = self._build_ae()
-        handlers: list[Any] = [
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
-        self._server = ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
-        )
+        if self._listener is None:
+            self._listener = listen(self.config)
+            self._owns_listener = True
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept",
+                                        daemon=True)
+        self._thread.start()
         log.info("dicom receiver listening", stage="receive", host=self.config.host,
-                 port=self.config.port, ae_title=self.config.ae_title)
+                 port=self.port, ae_title=self.config.ae_title, tls=self.tls is not None)
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._listener is None:
             return self.config.port
-        return int(self._server.server_address[1])
+        return int(self._listener.getsockname()[1])
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, end every association (partial instances are discarded)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._listener is not None and self._owns_listener:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            active = list(self._active)
+        for assoc in active:
+            assoc.close()
+        deadline = time.monotonic() + timeout
+        for assoc in active:
+            assoc.thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _allowed_host(self, event: evt.Event) -> bool:
-        calling = event.assoc.requestor.ae_title.strip()
-        address = event.assoc.requestor.address
-        for caller in self.config.trusted_callers:
-            if caller.ae_title == calling and (caller.host is None or caller.host == address):
-                return True
-        return False
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        listener = self._listener
+        while not self._stopping.is_set():
+            try:
+                sock, address = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                # Past twice the limit, do not even spend a thread on an A-ASSOCIATE-RJ.
+                if len(self._active) >= 2 * self.config.max_associations:
+                    sock.close()
+                    log.warning("connection dropped: too many connections", stage="receive",
+                                peer_host=address[0])
+                    continue
+                assoc = _Association(self, sock, address[0])
+                self._active.add(assoc)
+            assoc.thread.start()
 
-    def _on_echo(self, event: evt.Event) -> int:
-        return int(StoreStatus.SUCCESS)
+    def _finished(self, assoc: _Association) -> None:
+        with self._lock:
+            self._active.discard(assoc)
 
-    def _on_store(self, event: evt.Event) -> int:
-        calling_ae = event.assoc.requestor.ae_title.strip()
-        if not self._allowed_host(event):
-            # The AE title passed association negotiation but not from an allowed host.
-            log.warning("c-store refused: caller not trusted from this host", stage="receive",
-                        calling_ae=calling_ae, peer_host=event.assoc.requestor.address)
-            return int(StoreStatus.NOT_AUTHORIZED)
-        outcome = self.ingestor.ingest(
-            event.encoded_dataset(include_meta=True),
-            Source(calling_ae=calling_ae, called_ae=event.assoc.acceptor.ae_title.strip(),
-                   host=str(event.assoc.requestor.address)))
-        return int(_STATUS[outcome.status])
+    # -- negotiation ----------------------------------------------------------------------------
+
+    def negotiate(self, rq: Any, peer_host: str) -> Reject | list[ContextResult]:
+        """Accept or reject an A-ASSOCIATE-RQ; on acceptance, the presentation context results."""
+        if rq.protocol_version & 0x0001 == 0:
+            return Reject(1, 2, 2, "protocol version not supported")
+        if rq.application_context != APPLICATION_CONTEXT:
+            return Reject.application_context_not_supported(
+                "application context name not supported")
+        if rq.called_ae != self.config.ae_title:
+            return Reject.called_ae_not_recognized("called AE title is not this node's")
+        callers = [c for c in self.config.trusted_callers if c.ae_title == rq.calling_ae]
+        if not callers:
+            return Reject.calling_ae_not_recognized("calling AE title is not trusted")
+        if not any(_peer_allowed(c.host, peer_host) for c in callers):
+            return Reject.calling_ae_not_recognized(
+                "calling AE title is not trusted from this host")
+        results = []
+        for ctx in rq.contexts:
+            if ctx.abstract_syntax != VERIFICATION and \
+                    ctx.abstract_syntax not in STORAGE_SOP_CLASSES:
+                results.append(ContextResult(ctx.id, 3, ctx.transfer_syntaxes[0]
+                                             if ctx.transfer_syntaxes else ""))
+                continue
+            chosen = next((ts for ts in ctx.transfer_syntaxes if ts in TRANSFER_SYNTAXES), None)
+            if chosen is None:
+                results.append(ContextResult(ctx.id, 4, ctx.transfer_syntaxes[0]
+                                             if ctx.transfer_syntaxes else ""))
+            else:
+                results.append(ContextResult(ctx.id, 0, chosen, ctx.abstract_syntax))
+        if not any(r.result == 0 for r in results):
+            return Reject.no_reason("no proposed presentation context is supported")
+        if not self.limit.acquire():
+            return Reject.local_limit_exceeded("too many simultaneous associations")
+        return results
+
+
+class _Closed(Exception):
+    """The peer closed the connection (or we did, to stop)."""
+
+
+class _Association:
+    def __init__(self, receiver: DicomReceiver, sock: socket.socket, peer_host: str) -> None:
+        self.receiver = receiver
+        self.sock: socket.socket = sock
+        self.peer_host = peer_host
+        self.established = False
+        self.contexts: dict[int, ContextResult] = {}
+        self.calling_ae = ""
+        self.called_ae = ""
+        self.stats = _Stats()
+        self._buffer = bytearray(_READ_CHUNK)
+        self._view = memoryview(self._buffer)
+        self._pending: bytes = b""
+        self._message: _Message | None = None
+        self._command_bytes = bytearray()
+        self.thread = threading.Thread(target=self.run, name="dicom-assoc", daemon=True)
+
+    # -- socket reading -------------------------------------------------------------------------
+
+    def _recv_into(self, view: memoryview) -> int:
+        n = self.sock.recv_into(view)
+        if n == 0:
+            raise _Closed
+        return n
+
+    def _read_exact(self, n: int) -> bytes:
+        parts = bytearray()
+        while len(parts) < n:
+            chunk = self.sock.recv(n - len(parts))
+            if not chunk:
+                raise _Closed
+            parts += chunk
+        return bytes(parts)
+
+    def _stream(self, n: int, sink: IncomingFile | None) -> None:
+        """Move ``n`` bytes from the socket to ``sink`` (or nowhere) through one buffer."""
+        while n:
+            got = self._recv_into(self._view[:min(n, _READ_CHUNK)])
+            if sink is not None:
+                sink.write(self._view[:got])
+            n -= got
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    # -- association ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.sock.settimeout(self.receiver.acse_timeout)
+            if self.receiver.tls is not None:
+                self.sock = self.receiver.tls.wrap_socket(self.sock, server_side=True)
+            if self._associate():
+                self.sock.settimeout(self.receiver.network_timeout)
+                self._serve()
+        except _Closed:
+            if self.established:
+                log.warning("association closed by peer without release", stage="receive",
+                            calling_ae=self.calling_ae, peer_host=self.peer_host)
+        except TimeoutError:
+            log.warning("association timed out", stage="receive", calling_ae=self.calling_ae,
+                        peer_host=self.peer_host)
+            self._send_quietly(encode_abort())
+        except ssl.SSLError as exc:
+            log.warning("TLS handshake or record failed", stage="receive",
+                        peer_host=self.peer_host, reason=exc.reason)
+        except ProtocolError as exc:
+            log.warning("association aborted: protocol error", stage="receive",
+                        calling_ae=self.calling_ae, peer_host=self.peer_host, reason=str(exc))
+            self._send_quietly(encode_abort(2, 2))
+        except OSError as exc:
+            if not self.receiver._stopping.is_set():
+                log.warning("association failed", stage="receive", peer_host=self.peer_host,
+                            error=type(exc).__name__, reason=exc.strerror)
+        finally:
+            if self._message is not None and self._message.incoming is not None:
+                self._message.incoming.discard()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            if self.established:
+                self.receiver.limit.release()
+            self.receiver._finished(self)
+            if self.established:
+                log.info("association ended", stage="receive", calling_ae=self.calling_ae,
+                         peer_host=self.peer_host, instances=self.stats.instances,
+                         bytes=self.stats.bytes, count=self.stats.statuses or None,
+                         duration_s=round(time.monotonic() - started, 3))
+
+    def _send_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(data)
+
+    def _associate(self) -> bool:
+        pdu_type, length = self._pdu_header()
+        if pdu_type != PduType.ASSOCIATE_RQ:
+            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+        if length > 1 << 20:
+            raise ProtocolError("A-ASSOCIATE-RQ larger than 1 MiB")
+        rq = decode_associate_rq(self._read_exact(length))
+        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        decision = self.receiver.negotiate(rq, self.peer_host)
+        if isinstance(decision, Reject):
+            self.sock.sendall(encode_associate_rj(decision))
+            log.warning("association rejected", stage="receive", calling_ae=rq.calling_ae,
+                        called_ae=rq.called_ae, peer_host=self.peer_host, reason=decision.text)
+            return False
+        self.contexts = {r.id: r for r in decision if r.result == 0}
+        self.established = True  # holds a place in the association limit from here
+        self.sock.sendall(encode_associate_ac(rq, decision, self.receiver.max_pdu))
+        log.info("association accepted", stage="receive", calling_ae=rq.calling_ae,
+                 peer_host=self.peer_host, count=len(self.contexts))
+        return True
+
+    def _pdu_header(self) -> tuple[int, int]:
+        header = self._read_exact(6)
+        pdu_type, _reserved, length = struct.unpack(">BBI", header)
+        return pdu_type, length
+
+    def _serve(self) -> None:
+        while True:
+            pdu_type, length = self._pdu_header()
+            if pdu_type == PduType.P_DATA_TF:
+                self._p_data(length)
+            elif pdu_type == PduType.RELEASE_RQ:
+                self._read_exact(length)
+                self.sock.sendall(encode_release_rp())
+                return
+            elif pdu_type == PduType.ABORT:
+                self._read_exact(length)
+                log.warning("association aborted by peer", stage="receive",
+                            calling_ae=self.calling_ae, peer_host=self.peer_host)
+                return
+            else:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} on an association")
+
+    def _p_data(self, length: int) -> None:
+        max_pdu = self.receiver.max_pdu
+        if max_pdu and length > max(max_pdu, _MIN_PDU) + 6:
+            raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds the agreed maximum")
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise ProtocolError("truncated PDV item")
+            item_length, context_id, control = struct.unpack(">IBB", self._read_exact(6))
+            if item_length < 2 or item_length + 4 > remaining:
+                raise ProtocolError("PDV item length does not fit its PDU")
+            remaining -= item_length + 4
+            fragment = item_length - 2
+            last = bool(control & 0x02)
+            if control & 0x01:
+                self._command_fragment(context_id, fragment, last)
+            else:
+                self._data_fragment(context_id, fragment, last)
+
+    def _command_fragment(self, context_id: int, size: int, last: bool) -> None:
+        if self._message is not None:
+            raise ProtocolError("a command fragment arrived inside a data set")
+        if len(self._command_bytes) + size > _MAX_COMMAND_BYTES:
+            raise ProtocolError("command set larger than 64 KiB")
+        self._command_bytes += self._read_exact(size)
+        if not last:
+            return
+        command = decode_command(bytes(self._command_bytes))
+        self._command_bytes.clear()
+        if context_id not in self.contexts:
+            raise ProtocolError(f"command on presentation context {context_id}, not accepted")
+        message = _Message(context_id, command)
+        if command.command_field == Command.C_ECHO_RQ and not command.has_data_set:
+            self._respond(message, StoreStatus.SUCCESS)
+            return
+        if command.command_field != Command.C_STORE_RQ:
+            message.unrecognized = True
+            if not command.has_data_set:
+                self._respond(message, UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO")
+                return
+        elif not command.has_data_set:
+            raise ProtocolError("C-STORE-RQ without a data set")
+        elif not self.receiver.ingestor.has_space():
+            message.refusal = IngestStatus.NO_SPACE
+        else:
+            ctx = self.contexts[context_id]
+            incoming = self.receiver.ingestor.spool.incoming()
+            incoming.write(file_meta(command.affected_sop_class_uid or ctx.abstract_syntax,
+                                     command.affected_sop_instance_uid,
+                                     ctx.transfer_syntax, self.calling_ae))
+            message.incoming = incoming
+        self._message = message
+
+    def _data_fragment(self, context_id: int, size: int, last: bool) -> None:
+        message = self._message
+        if message is None:
+            raise ProtocolError("a data set fragment arrived without a command")
+        if context_id != message.context_id:
+            raise ProtocolError("data set fragment on another presentation context")
+        self._stream(size, message.incoming)
+        self.stats.bytes += size
+        if last:
+            self._message = None
+            self._complete(message)
+
+    def _complete(self, message: _Message) -> None:
+        if message.unrecognized:
+            self._respond(message, UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO")
+            return
+        if message.refusal is not None:
+            refused = self.receiver.ingestor.refuse_no_space()
+            outcome_status, reason = refused.status, refused.reason
+        else:
+            assert message.incoming is not None
+            source = Source(calling_ae=self.calling_ae, called_ae=self.called_ae,
+                            host=self.peer_host)
+            outcome = self.receiver.ingestor.ingest_incoming(message.incoming, source)
+            outcome_status, reason = outcome.status, outcome.reason
+        self.stats.instances += 1
+        self.stats.statuses[outcome_status.value] = \
+            self.stats.statuses.get(outcome_status.value, 0) + 1
+        status = _STATUS[outcome_status]
+        self._respond(message, status, reason if status != StoreStatus.SUCCESS else "")
+
+    def _respond(self, message: _Message, status: int, comment: str = "") -> None:
+        self.sock.sendall(encode_p_data(message.context_id,
+                                        encode_response(message.command, status, comment)))

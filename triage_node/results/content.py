@@ -11,11 +11,13 @@ from contextlib import contextmanager
 
 import highdicom as hd
 import numpy as np
+from pydicom.sr.codedict import codes
 
 from triage_node.detectors.findings import Code, DetectorResult, Finding
 from triage_node.errors import EncodingError
 from triage_node.imaging.volume import Volume
-from triage_node.results.device import AlgorithmInfo
+from triage_node.results.device import AlgorithmInfo, EncodeOptions
+from triage_node.results.identity import ResultIdentity, device_observer_uid
 
 __all__ = [
     "ABSENT",
@@ -28,8 +30,10 @@ __all__ = [
     "VOLUME",
     "check_inputs",
     "coded",
+    "device_observer_context",
     "encoding_step",
     "finding_mask",
+    "result_identity",
     "segmented_findings",
     "series_description",
 ]
@@ -100,25 +104,39 @@ def segmented_findings(result: DetectorResult) -> list[Finding]:
     return [f for f in result.findings if f.mask is not None]
 
 
-def check_inputs(volume: Volume, result: DetectorResult, algorithm: AlgorithmInfo) -> None:
+def check_inputs(
+    volume: Volume,
+    result: DetectorResult,
+    algorithm: AlgorithmInfo,
+    *,
+    multi_frame_ok: bool = False,
+) -> None:
     """Check that ``result`` can be encoded against ``volume``; ``EncodingError`` otherwise.
 
     The checks are the ones highdicom would fail on late or not at all: source instances
     matching the array (single-frame, same study, same size), masks of the volume's shape
-    and not empty, unique tracking identifiers, scores in [0, 1].
+    and not empty, unique tracking identifiers, scores in [0, 1]. ``multi_frame_ok``: the
+    encoder references slices through ``Volume.slice_source`` and accepts a volume whose
+    slices are frames of an enhanced multi-frame instance (``Volume.source_frames``).
     """
     if result.detector != algorithm.name or result.version != algorithm.version:
         raise EncodingError(
             "DetectorResult.detector/version do not match AlgorithmInfo.name/version"
         )
     n_slices, rows, cols = volume.shape
-    if len(volume.source_datasets) != n_slices:
+    multi_frame = multi_frame_ok and volume.is_multi_frame_source
+    if multi_frame and len(volume.source_frames) != n_slices:
+        raise EncodingError(
+            f"Volume.source_frames has {len(volume.source_frames)} entries for "
+            f"{n_slices} slices"
+        )
+    if not multi_frame and len(volume.source_datasets) != n_slices:
         raise EncodingError(
             f"Volume.source_datasets has {len(volume.source_datasets)} instances for "
             f"{n_slices} slices; results reference one source instance per slice"
         )
     for index, ds in enumerate(volume.source_datasets):
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        if not multi_frame and int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
             raise EncodingError(
                 f"source instance {index} has NumberOfFrames > 1; only single-frame sources "
                 "are supported"
@@ -161,3 +179,40 @@ def series_description(detector: str, kind: str) -> str:
     """Series Description ``AI <detector> <kind>``, cut to 64 characters (LO) keeping the kind."""
     suffix = f" {kind}"
     return f"AI {detector}"[: 64 - len(suffix)] + suffix
+
+
+def result_identity(
+    volume: Volume, algorithm: AlgorithmInfo, options: EncodeOptions
+) -> ResultIdentity:
+    """The identity (and so the UIDs) of ``algorithm``'s results for ``volume``'s series."""
+    return ResultIdentity(
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=volume.series_instance_uid,
+        detector=algorithm.name,
+        detector_version=algorithm.version,
+        uid_root=options.uid_root,
+    )
+
+
+def device_observer_context(
+    algorithm: AlgorithmInfo, options: EncodeOptions
+) -> hd.sr.ObserverContext:
+    """TID 1002 observer context for the detector as a device (TID 1004), for SR and KOS."""
+    device = algorithm.device
+    with encoding_step("observer context"):
+        return hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_observer_uid(
+                    device.manufacturer,
+                    device.serial_number,
+                    algorithm.name,
+                    algorithm.version,
+                    uid_root=options.uid_root,
+                ),
+                name=algorithm.name,
+                manufacturer_name=device.manufacturer,
+                model_name=algorithm.name,
+                serial_number=device.serial_number,
+            ),
+        )

@@ -142,12 +142,20 @@ class EncodeOptions:
 
     seg_series_number: int = 9901
     sr_series_number: int = 9902
+    kos_series_number: int = 9903
+    heatmap_series_number: int = 9904
     uid_root: str = DEFAULT_UID_ROOT
     disclaimer: str = "AI triage result; not for diagnostic use."
-    """Written as the SEG Content Description and as a comment in the SR (LO, ≤ 64 chars)."""
+    """Written as the SEG Content Description, a comment in the SR, part of the KOS
+    description and the heatmap's Image Comments (LO, ≤ 64 chars)."""
 
     def __post_init__(self) -> None:
-        for attribute in ("seg_series_number", "sr_series_number"):
+        for attribute in (
+            "seg_series_number",
+            "sr_series_number",
+            "kos_series_number",
+            "heatmap_series_number",
+        ):
             value = getattr(self, attribute)
             if not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
                 raise ValueError(f"EncodeOptions.{attribute} must be an IS value, got {value!r}")

@@ -1,6 +1,6 @@
 """Deterministic UIDs for result objects, so a re-delivery never duplicates a result.
 
-Every UID the results stage writes (Series and SOP Instance UIDs of SEG/SR/KOS, Tracking
+Every UID the results stage writes (Series and SOP Instance UIDs of SEG/SR/KOS/heatmap, Tracking
 UIDs of findings, the Device Observer UID) is *derived*, not random: it is a hash of what
 the object is about. Encoding the same detector output for the same source series twice
 gives byte-for-byte the same UIDs, so a PACS or Orthanc that receives it again replaces
@@ -50,6 +50,12 @@ class ResultKind(StrEnum):
     SEG = "SEG"
     SR = "SR"
     KOS = "KOS"
+    HEATMAP = "HEATMAP"
+    """Secondary Capture of the source image with the detector's heatmap blended in.
+
+    Added after v1 UIDs were in use: a new kind only adds new hash inputs, every existing
+    (study, series, detector, version, kind) still hashes to the same UID, so the scheme
+    version stays ``v1``."""
 
 
 def check_uid_root(uid_root: str, attribute: str = "uid_root") -> None:

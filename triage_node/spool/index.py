@@ -8,22 +8,39 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
+from triage_node.config.models import LimitsConfig
 from triage_node.errors import InvalidDicomError, UnusableDicomError
+from triage_node.receive.validate import check_received
 from triage_node.spool.store import SpooledFile
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
 
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
 _MAX_VALUE_CHARS = 1024
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+"""VRs whose bytes follow Specific Character Set; the other text VRs are ASCII."""
+_SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
+_STRIPPED_BOTH_ENDS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+_NUMERIC_VRS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
+                "UV": "Q", "SV": "q"}
+_FAST_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1",
+                  "ISO_IR 192": "utf-8"}
+"""Character sets decoded directly from the raw bytes; any other goes through pydicom."""
 
 
 def _plain(value: Any) -> str | list[str]:
@@ -32,20 +49,99 @@ def _plain(value: Any) -> str | list[str]:
     return str(value)[:_MAX_VALUE_CHARS]
 
 
+def converted_attribute(ds: Dataset, tag: int) -> tuple[str, str | list[str]] | None:
+    """One top-level attribute as pydicom converts it: (key, plain value), or None to skip."""
+    try:
+        elem = ds[tag]
+    except Exception:  # noqa: BLE001 - a malformed element must not stop indexing
+        return None
+    if elem.VR in _BINARY_VRS or elem.tag.group == 0x7FE0:
+        return None
+    key = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+    try:
+        value = elem.value
+    except Exception:  # noqa: BLE001 - a malformed value must not stop indexing
+        return None
+    if value is None or value == "":
+        return None
+    return key, _plain(value)
+
+
+def _raw_text(raw: RawDataElement, vr: str, encoding: str) -> str | list[str] | None:
+    """A text value straight from its bytes, as pydicom would give it (None: empty)."""
+    assert raw.value is not None
+    text = raw.value.decode(encoding if vr in _CHARSET_VRS else "ascii")
+    if vr in _SINGLE_VALUED_VRS:
+        text = text.rstrip(" \x00")
+        return text[:_MAX_VALUE_CHARS] if text else None
+    strip = " \x00"
+    parts = [p.strip(strip) if vr in _STRIPPED_BOTH_ENDS else p.rstrip(strip)
+             for p in text.split("\\")]
+    if len(parts) == 1:
+        return parts[0][:_MAX_VALUE_CHARS] if parts[0] else None
+    return [p[:_MAX_VALUE_CHARS] for p in parts]
+
+
+def _raw_numbers(raw: RawDataElement, vr: str) -> str | list[str] | None:
+    assert raw.value is not None
+    fmt = _NUMERIC_VRS[vr]
+    size = struct.calcsize("<" + fmt)
+    if not raw.value or len(raw.value) % size:
+        raise ValueError("length is not a multiple of the value size")
+    endian = "<" if raw.is_little_endian else ">"
+    numbers = struct.unpack(f"{endian}{len(raw.value) // size}{fmt}", raw.value)
+    return str(numbers[0]) if len(numbers) == 1 else [str(n) for n in numbers]
+
+
 def header_attributes(ds: Dataset) -> dict[str, str | list[str]]:
-    """Top-level, non-binary attributes by keyword (private tags by ``(gggg,eeee)``)."""
+    """Top-level, non-binary attributes by keyword (private tags by ``(gggg,eeee)``).
+
+    On the receive path for every instance, so the common case is read straight from the raw
+    bytes pydicom has not converted yet (text in ASCII, Latin-1 or UTF-8, binary numbers);
+    anything else (other character sets, private tags of unknown VR, values pydicom has
+    already converted, odd lengths) goes through pydicom's own conversion. Both give the same
+    values: a test checks it on every file in pydicom's test data.
+    """
     attrs: dict[str, str | list[str]] = {}
-    for elem in ds:
-        if elem.VR in _BINARY_VRS or elem.tag.group == 0x7FE0:
+    elements = ds._dict
+    charset = elements.get(BaseTag(0x00080005))
+    encoding: str | None
+    if charset is None:
+        encoding = "ascii"
+    elif isinstance(charset, RawDataElement) and charset.value is not None:
+        encoding = _FAST_CHARSETS.get(charset.value.decode("ascii", "replace").strip(" \x00"))
+    else:
+        encoding = None
+    for tag, raw in elements.items():
+        if tag >> 16 == 0x7FE0:
             continue
-        key = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        vr = raw.VR if isinstance(raw, RawDataElement) else None
+        if vr is None and isinstance(raw, RawDataElement) and not tag & 0x10000:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = None
+        fast = (encoding is not None and isinstance(raw, RawDataElement)
+                and raw.value is not None and vr is not None and vr != "UN"
+                and (vr in _TEXT_VRS or vr in _NUMERIC_VRS or vr in _BINARY_VRS))
+        if not fast:
+            converted = converted_attribute(ds, tag)
+            if converted is not None:
+                attrs[converted[0]] = converted[1]
+            continue
+        assert isinstance(raw, RawDataElement) and vr is not None and encoding is not None
+        if vr in _BINARY_VRS:
+            continue
         try:
-            value = elem.value
-        except Exception:  # noqa: BLE001 - a malformed value must not stop indexing
+            value = (_raw_text(raw, vr, encoding) if vr in _TEXT_VRS
+                     else _raw_numbers(raw, vr))
+        except (UnicodeDecodeError, ValueError, struct.error):
+            converted = converted_attribute(ds, tag)
+            if converted is not None:
+                attrs[converted[0]] = converted[1]
             continue
-        if value is None or value == "":
-            continue
-        attrs[key] = _plain(value)
+        if value is not None:
+            attrs[keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"] = value
     return attrs
 
 
@@ -60,16 +156,22 @@ class InstanceHeader:
     attributes: dict[str, str | list[str]]
 
 
-def read_header(data: bytes) -> InstanceHeader:
+def read_header(data: bytes, limits: LimitsConfig | None = None) -> InstanceHeader:
     """Parse the header of a Part 10 byte stream.
 
-    Raises :class:`InvalidDicomError` when it cannot be parsed, :class:`UnusableDicomError`
-    (a subclass) when it parses but lacks a UID the node needs; the message names what.
+    Raises :class:`InvalidDicomError` when it cannot be parsed (or the header is cut short),
+    :class:`UnusableDicomError` (a subclass) when it parses but cannot be used: a UID the node
+    needs is missing, or :func:`~triage_node.receive.validate.check_received` refuses the pixel
+    data or the geometry (with ``limits``, default: the configured ones). The message names what.
     """
+    fp = io.BytesIO(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except (PydicomInvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except (PydicomInvalidDicomError, EOFError, ValueError, KeyError, OSError,
+            struct.error, TypeError) as exc:
         raise InvalidDicomError(f"cannot parse the DICOM header: {type(exc).__name__}") from exc
+    # pydicom leaves the stream at the start of the pixel data element (or at the end).
+    check_received(ds, data, fp.tell(), limits)
     return header_from_dataset(ds)
 
 

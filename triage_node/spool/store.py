@@ -4,6 +4,7 @@ Layout under the spool root::
 
     studies/<study_key>/<sha1(SOP Instance UID)>-<sha256(content)[:16]>.dcm
     quarantine/<timestamp>-<sha256[:16]>.dcm  +  .reason.json beside it
+    incoming/<pid>-<thread>-<ns>.part           instances still arriving (C-STORE streams here)
 
 File names carry hashes, never UIDs. Each write goes to a temporary file in the same folder,
 is fsynced, renamed into place, and the folder is fsynced, so after a crash a file is either
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,48 @@ def write_durably(path: Path, data: bytes) -> None:
         _fsync_dir(folder.parent)
 
 
+class IncomingFile:
+    """An instance being received: streamed to ``incoming/`` as it arrives, hashed on the way.
+
+    Nothing is held in memory but the bytes of the current network read, whatever the size
+    of the instance. :meth:`seal` makes the bytes durable (``fdatasync``); the spool then
+    either adopts the file (rename into the study folder) or quarantines it. A file that is
+    never sealed (the association was aborted) is removed by :meth:`discard`, and any left by
+    a crash are removed when the spool opens: the sender was not told Success for them.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None, "write after seal"
+        view = memoryview(data)
+        self._hash.update(view)
+        self.size += len(view)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def seal(self) -> str:
+        """Flush the bytes to disk and close; returns the content's sha256."""
+        assert self._fd is not None, "sealed twice"
+        try:
+            os.fdatasync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class SpooledFile:
     relative_path: str
@@ -68,11 +112,58 @@ class Spool:
         self.root = root
         (root / "studies").mkdir(parents=True, exist_ok=True)
         (root / "quarantine").mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = root / "incoming"
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+
+    def clear_incoming(self) -> int:
+        """Remove partial files a previous run left (never acknowledged); returns how many.
+
+        Only this process's receiver writes here, so call it before the receiver starts.
+        """
+        removed = 0
+        for leftover in self.incoming_dir.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def incoming(self) -> IncomingFile:
+        return IncomingFile(self.incoming_dir)
+
+    def _relative(self, study_key: str, sop_instance_uid: str, content_hash: str) -> str:
+        name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
+        return f"studies/{study_key}/{name_hash}-{content_hash[:16]}.dcm"
+
+    def adopt(self, incoming: IncomingFile, sha256: str, study_key: str,
+              sop_instance_uid: str) -> SpooledFile:
+        """Move a sealed incoming file into its study folder (rename, then fsync the folder)."""
+        relative = self._relative(study_key, sop_instance_uid, sha256)
+        path = self.root / relative
+        if path.exists() and path.stat().st_size == incoming.size:
+            incoming.path.unlink(missing_ok=True)
+            return SpooledFile(relative, sha256, incoming.size, already_present=True)
+        folder = path.parent
+        new_folder = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(incoming.path, path)
+        _fsync_dir(folder)
+        if new_folder:
+            _fsync_dir(folder.parent)
+        return SpooledFile(relative, sha256, incoming.size, already_present=False)
+
+    def quarantine_incoming(self, incoming: IncomingFile, sha256: str, reason: str,
+                            details: dict[str, str]) -> Path:
+        """Move a sealed incoming file to quarantine with a reason file beside it."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        path = self.root / "quarantine" / f"{stamp}-{sha256[:16]}.dcm"
+        record = {"reason": reason, "received_at": time.time(), **details}
+        write_durably(path.with_suffix(".reason.json"), json.dumps(record, indent=2).encode())
+        os.replace(incoming.path, path)
+        _fsync_dir(path.parent)
+        return path
 
     def store(self, study_key: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
         content_hash = hashlib.sha256(data).hexdigest()
-        name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
-        relative = f"studies/{study_key}/{name_hash}-{content_hash[:16]}.dcm"
+        relative = self._relative(study_key, sop_instance_uid, content_hash)
         path = self.root / relative
         if path.exists() and path.stat().st_size == len(data):
             return SpooledFile(relative, content_hash, len(data), already_present=True)

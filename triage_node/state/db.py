@@ -1,8 +1,12 @@
 """The state database: one SQLite file under the data dir (WAL mode, one connection per thread).
 
-Writes that acknowledge something to a sender (an instance row) commit with
-``synchronous=FULL`` so that an acknowledged instance survives power loss together with its
-spooled bytes.
+Commits use ``synchronous=NORMAL``: in WAL mode the database stays consistent after a crash
+of the process or the machine, and no commit is lost when only the process dies; a power loss
+may roll back the last commits. That costs nothing that was acknowledged: an instance is
+Success only once its bytes are fsynced in the spool, and the spool is the record of what was
+received — after an unclean stop the node re-indexes spooled files the database does not
+know (:func:`triage_node.spool.index.recover_unindexed`). Re-processing and re-delivery are
+idempotent (deterministic result UIDs).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class Database:
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._lock:

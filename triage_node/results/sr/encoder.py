@@ -54,12 +54,13 @@ from triage_node.results.content import (
     VOLUME,
     check_inputs,
     coded,
+    device_observer_context,
     encoding_step,
     finding_mask,
     series_description,
 )
 from triage_node.results.device import AlgorithmInfo, EncodeOptions
-from triage_node.results.identity import ResultIdentity, ResultKind, device_observer_uid
+from triage_node.results.identity import ResultIdentity, ResultKind
 
 __all__ = ["SrEncoder"]
 
@@ -95,7 +96,7 @@ class SrEncoder:
         segmentation: hd.seg.Segmentation | None = None,
     ) -> hd.sr.Comprehensive3DSR:
         """Build the SR of ``result``; ``segmentation`` is required if a finding has a mask."""
-        check_inputs(volume, result, self._algorithm)
+        check_inputs(volume, result, self._algorithm, multi_frame_ok=True)
         algorithm = self._algorithm
         device = algorithm.device
         identity = ResultIdentity(
@@ -127,23 +128,9 @@ class SrEncoder:
             groups.extend(self._negative_groups(identity, algorithm_id))
 
         with encoding_step("SR observation context"):
-            observer = hd.sr.ObserverContext(
-                observer_type=codes.DCM.Device,
-                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=device_observer_uid(
-                        device.manufacturer,
-                        device.serial_number,
-                        algorithm.name,
-                        algorithm.version,
-                        uid_root=self._options.uid_root,
-                    ),
-                    name=algorithm.name,
-                    manufacturer_name=device.manufacturer,
-                    model_name=algorithm.name,
-                    serial_number=device.serial_number,
-                ),
+            context = hd.sr.ObservationContext(
+                observer_device_context=device_observer_context(algorithm, self._options)
             )
-            context = hd.sr.ObservationContext(observer_device_context=observer)
         procedure = algorithm.procedure_reported or _PROCEDURE_BY_MODALITY.get(
             volume.modality, _IMAGING_PROCEDURE
         )

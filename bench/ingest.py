@@ -1,0 +1,260 @@
+"""Receive speed: the same 500-instance 512×512 CT into DCMTK ``storescp``, Orthanc and triage-node.
+
+One run, same machine, same sender (DCMTK ``storescu``, ``TCP_NODELAY=1``), same data:
+
+* ``storescp``   — DCMTK's store SCP writing files (``--fork`` so it takes parallel associations);
+* ``orthanc``    — a throwaway Debian Orthanc (index + storage on the same disk);
+* ``triage-node``— ``triage-node serve`` with the demo configuration: bytes fsynced and renamed,
+  indexed in SQLite, before each Success.
+
+Each receiver gets the study over 1 association, then over 4 (the files split in 4 parts, one
+``storescu`` per part, started together). Figures are instances/s and MB/s from the first
+association request to the last response, and the ratios to Orthanc and storescp.
+
+Then 2,000 instances (4 studies) go to triage-node over 4 associations while its resident
+memory is sampled: the peak (sum over the node's processes) must stay flat, not grow with the
+number of instances received.
+
+Run: ``python -m bench.ingest`` (about 3 minutes). ``--instances`` changes the study size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deploy.demo.node import NodeProcess, write_node_config
+from deploy.demo.orthanc import LocalOrthanc, free_port
+from trainers.phantoms.dicom import write_ct_series
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def make_study(folder: Path, instances: int, seed: int) -> list[Path]:
+    """A 512×512 CT series of ``instances`` slices with noise, as a scanner would send it."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(40.0, 20.0, size=(512, 512)).astype(np.float32)
+    yy, xx = np.mgrid[:512, :512]
+    body = ((yy - 256) ** 2 + (xx - 256) ** 2) < 220**2
+    hu = np.empty((instances, 512, 512), dtype=np.float32)
+    for z in range(instances):
+        hu[z] = np.where(body, base + rng.normal(0.0, 8.0, size=(512, 512)), -1000.0)
+    return write_ct_series(
+        hu, (1.0, 0.7, 0.7), folder, patient_name="BENCH^INGEST", patient_id=f"BENCH{seed}",
+        accession_number=f"BENCHACC{seed}", study_description="CT BENCH",
+        series_description="Axial 1mm", body_part_examined="CHEST")
+
+
+def split(files: list[Path], parts: int, root: Path) -> list[Path]:
+    """Hard-link the files into ``parts`` folders (one per association)."""
+    folders = []
+    for p in range(parts):
+        folder = root / f"part{p}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for f in files[p::parts]:
+            os.link(f, folder / f.name)
+        folders.append(folder)
+    return folders
+
+
+def send(folders: list[Path], port: int, called_aet: str) -> float:
+    """One ``storescu`` per folder, all at once; returns the wall time until all finished."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", called_aet, "+sd", "+r",
+                          "127.0.0.1", str(port), str(folder)],
+                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for folder in folders
+    ]
+    errors = [p.communicate()[1].decode(errors="replace") for p in procs]
+    elapsed = time.perf_counter() - started
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu exited {proc.returncode}: {err[-1500:]}")
+    return elapsed
+
+
+@dataclass
+class Receiver:
+    name: str
+    port: int
+    called_aet: str
+    reset: Callable[[], None]
+    stop: Callable[[], None]
+    pids: Callable[[], list[int]]
+
+
+def start_storescp(work: Path) -> Receiver:
+    out = work / "storescp-out"
+    out.mkdir(parents=True)
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "--fork", "-od", str(out), "-aet", "STORESCP",
+                             "--max-pdu", "131072", str(port)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+
+    def reset() -> None:
+        for f in out.iterdir():
+            f.unlink()
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    return Receiver("storescp", port, "STORESCP", reset, stop, lambda: [proc.pid])
+
+
+def start_orthanc(work: Path) -> tuple[Receiver, LocalOrthanc]:
+    orthanc = LocalOrthanc(work / "orthanc-bench").start()
+
+    def reset() -> None:
+        with orthanc.client() as client:
+            for study in client.get("/studies").json():
+                client.delete(f"/studies/{study}")
+
+    return (Receiver("orthanc", orthanc.dicom_port, orthanc.aet, reset, orthanc.stop,
+                     lambda: [orthanc._proc.pid] if orthanc._proc else []), orthanc)
+
+
+def start_node(work: Path, orthanc: LocalOrthanc, name: str = "node") -> Receiver:
+    # Completion far in the future: this measures receiving, not processing.
+    config = write_node_config(work / f"{name}-conf", assembly__study_quiet_seconds=3600)
+    node = NodeProcess(work / name, orthanc, config=config).start()
+    state = {"node": node}
+
+    def reset() -> None:
+        state["node"].stop()
+        shutil.rmtree(work / name)
+        fresh = NodeProcess(work / name, orthanc, config=config,
+                            dicom_port=state["node"].dicom_port).start()
+        state["node"] = fresh
+
+    def pids() -> list[int]:
+        return _process_tree(state["node"].pid)
+
+    return Receiver("triage-node", node.dicom_port, "TRIAGE", reset,
+                    lambda: state["node"].stop(), pids)
+
+
+def _process_tree(pid: int | None) -> list[int]:
+    if pid is None:
+        return []
+    found = [pid]
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            stat = (child / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            found.extend(_process_tree(int(child.name)))
+    return found
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--only", choices=["storescp", "orthanc", "triage-node"], nargs="*")
+    parser.add_argument("--memory-instances", type=int, default=2000)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        print(f"writing a {args.instances}-instance 512×512 CT…", flush=True)
+        files = make_study(work / "study", args.instances, seed=1)
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        one = [work / "study"]
+        four = split(files, 4, work / "split")
+        receivers: list[Receiver] = []
+        orthanc: LocalOrthanc | None = None
+        try:
+            receivers.append(start_storescp(work))
+            orthanc_receiver, orthanc = start_orthanc(work)
+            receivers.append(orthanc_receiver)
+            receivers.append(start_node(work, orthanc))
+            results: dict[tuple[str, int], float] = {}
+            for receiver in receivers:
+                if args.only and receiver.name not in args.only:
+                    continue
+                for label, folders in ((1, one), (4, four)):
+                    receiver.reset()
+                    elapsed = send(folders, receiver.port, receiver.called_aet)
+                    results[(receiver.name, label)] = elapsed
+                    print(f"  {receiver.name:<12} {label} assoc: {elapsed:6.2f} s  "
+                          f"{args.instances / elapsed:7.1f} inst/s", flush=True)
+            print(f"\n{args.instances} instances, {megabytes:.0f} MB, storescu → receiver, "
+                  f"loopback, {os.cpu_count()} cores")
+            print(f"{'receiver':<12} {'assoc':>5} {'inst/s':>8} {'MB/s':>7} "
+                  f"{'× orthanc':>10} {'× storescp':>11}")
+            for (name, label), elapsed in results.items():
+                rate = args.instances / elapsed
+                ratio_o = results.get(("orthanc", label))
+                ratio_s = results.get(("storescp", label))
+                print(f"{name:<12} {label:>5} {rate:8.1f} {megabytes / elapsed:7.1f} "
+                      f"{(ratio_o / elapsed) if ratio_o else float('nan'):10.2f} "
+                      f"{(ratio_s / elapsed) if ratio_s else float('nan'):11.2f}")
+            if args.memory_instances and (not args.only or "triage-node" in args.only):
+                node = receivers[-1]
+                node.reset()
+                studies = max(1, args.memory_instances // args.instances)
+                folders = []
+                for s in range(studies):
+                    folder = work / f"mem{s}"
+                    make_study(folder, args.instances, seed=100 + s)
+                    folders.append(folder)
+                samples: list[float] = []
+                done = threading.Event()
+
+                def sample() -> None:
+                    while not done.is_set():
+                        samples.append(rss_mb(node.pids()))
+                        time.sleep(0.2)
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                before = rss_mb(node.pids())
+                sampler.start()
+                elapsed = send(folders, node.port, node.called_aet)
+                done.set()
+                sampler.join()
+                count = studies * args.instances
+                quarter = samples[: max(1, len(samples) // 4)]
+                print(f"\nmemory: {count} instances over {studies} associations in "
+                      f"{elapsed:.1f} s ({count / elapsed:.0f} inst/s); triage-node RSS "
+                      f"before {before:.0f} MB, peak in first quarter {max(quarter):.0f} MB, "
+                      f"peak overall {max(samples):.0f} MB, at end {samples[-1]:.0f} MB")
+        finally:
+            for receiver in receivers:
+                if receiver.name != "orthanc":
+                    receiver.stop()
+            if orthanc is not None:
+                orthanc.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""Look at the node's results the way a viewer would, without a viewer.
+
+* each SR → HTML with DCMTK ``dsr2html`` (what a PACS's SR viewer shows as text);
+* each SEG → PNGs of the source slices that hold segment pixels (up to ``--slices`` per SEG,
+  the largest first), the slice windowed to grey with every segment tinted and outlined in
+  its own colour;
+* each Secondary Capture (the heatmap) and each KOS-flagged image → PNG.
+
+Images are downscaled to ``--size`` pixels on their longer side. Source instances are found
+by SOP Instance UID under ``--source``.
+
+Run: ``.venv/bin/python -m deploy.viewer_check RESULTS_DIR_OR_FILES --source SOURCE_DIR
+--out OUT_DIR``. ``--demo WORK_DIR`` first makes the demo results that ``docs/results.md``
+shows (a phantom head CT with a bleed through the shipped ``ct-head-hemorrhage`` engine, and
+the pydicom-data chest CR with a synthetic heatmap, since no 2D detector ships yet) and then
+renders them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
+from scipy import ndimage
+
+from triage_node.results.sc import grey_image
+
+__all__ = ["main", "render_results"]
+
+_PALETTE = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (230, 120, 255)]
+_TINT = 0.35
+
+
+def _dicom_files(inputs: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def _read(path: Path, *, pixels: bool = True) -> Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except (pydicom.errors.InvalidDicomError, OSError):
+        return None
+
+
+def _source_index(source_dir: Path | None) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for path in _dicom_files([source_dir]) if source_dir is not None else []:
+        ds = _read(path, pixels=False)
+        if ds is not None and "SOPInstanceUID" in ds:
+            index[str(ds.SOPInstanceUID)] = path
+    return index
+
+
+def _save_png(rgb: np.ndarray, path: Path, size: int) -> Path:
+    image = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, optimize=True)
+    return path
+
+
+def _grey_rgb(source: Dataset) -> np.ndarray:
+    grey = np.rint(grey_image(source, np.zeros((1, 1))) * 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _segment_colours(seg: Dataset) -> dict[int, tuple[int, int, int]]:
+    return {
+        int(item.SegmentNumber): _PALETTE[i % len(_PALETTE)]
+        for i, item in enumerate(seg.SegmentSequence)
+    }
+
+
+def _frame_sources(seg: Dataset) -> list[tuple[str, int]]:
+    """(source SOP Instance UID, segment number) of every SEG frame."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    shared_segment = (
+        int(shared.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        if "SegmentIdentificationSequence" in shared else None
+    )
+    frames: list[tuple[str, int]] = []
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        number = (
+            int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            if "SegmentIdentificationSequence" in item else shared_segment
+        )
+        if number is None:
+            raise ValueError("SEG frame without a segment number")
+        frames.append((str(source.ReferencedSOPInstanceUID), number))
+    return frames
+
+
+def render_seg(seg: Dataset, sources: dict[str, Path], out: Path, stem: str, *, slices: int,
+               size: int) -> list[Path]:
+    """PNG overlays of ``seg`` on the source slices with the most segment pixels."""
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    by_source: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (uid, number), frame in zip(_frame_sources(seg), pixels, strict=True):
+        by_source.setdefault(uid, []).append((number, frame.astype(bool)))
+    ranked = sorted(by_source, key=lambda u: -sum(int(m.sum()) for _, m in by_source[u]))
+    colours = _segment_colours(seg)
+    written: list[Path] = []
+    for uid in [u for u in ranked if u in sources][:slices]:
+        source = pydicom.dcmread(sources[uid])
+        rgb = _grey_rgb(source).astype(np.float32)
+        for number, mask in by_source[uid]:
+            colour = np.asarray(colours.get(number, _PALETTE[0]), dtype=np.float32)
+            rgb[mask] = rgb[mask] * (1 - _TINT) + colour * _TINT
+            edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
+            rgb[edge] = colour
+        name = f"{stem}-image{source.get('InstanceNumber', 0)}.png"
+        written.append(_save_png(np.rint(rgb), out / name, size))
+    return written
+
+
+def render_sr(path: Path, out: Path, stem: str) -> Path:
+    """HTML rendering of an SR by DCMTK ``dsr2html``."""
+    exe = shutil.which("dsr2html")
+    if exe is None:
+        raise RuntimeError("dsr2html (Debian package dcmtk) is not on PATH")
+    target = out / f"{stem}.html"
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([exe, str(path), str(target)], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dsr2html failed on {path.name}: {proc.stderr.strip()[:500]}")
+    return target
+
+
+def render_kos(kos: Dataset, sources: dict[str, Path], results: dict[str, Path], out: Path,
+               stem: str, *, size: int) -> list[Path]:
+    """The images a KOS flags, as PNGs, and its description as text."""
+    written: list[Path] = []
+    lines = [f"Key Object Selection: {kos.ConceptNameCodeSequence[0].CodeMeaning}"]
+    n = 0
+    for item in kos.ContentSequence:
+        if item.ValueType == "TEXT":
+            lines.append(f"{item.ConceptNameCodeSequence[0].CodeMeaning}: {item.TextValue}")
+        if item.ValueType != "IMAGE":
+            continue
+        n += 1
+        uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        path = sources.get(uid) or results.get(uid)
+        lines.append(f"image {n}: {'found' if path else 'NOT FOUND'}")
+        if path is None:
+            continue
+        ds = pydicom.dcmread(path)
+        rgb = ds.pixel_array if ds.get("SamplesPerPixel", 1) == 3 else _grey_rgb(ds)
+        written.append(_save_png(rgb, out / f"{stem}-key{n}.png", size))
+    text = out / f"{stem}.txt"
+    text.write_text("\n".join(lines) + "\n")
+    return [*written, text]
+
+
+def render_results(inputs: list[Path], source_dir: Path | None, out: Path, *,
+                   slices: int = 3, size: int = 512) -> list[Path]:
+    """Render every SR, SEG, SC and KOS among ``inputs``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    sources = _source_index(source_dir)
+    results: dict[str, tuple[Path, Dataset]] = {}
+    for path in _dicom_files(inputs):
+        ds = _read(path, pixels=False)
+        if ds is not None and "SOPInstanceUID" in ds:
+            results[str(ds.SOPInstanceUID)] = (path, ds)
+    result_paths = {uid: path for uid, (path, _) in results.items()}
+    written: list[Path] = []
+    for path, header in results.values():
+        modality = str(header.get("Modality", ""))
+        # Result folders are per study (the node's results/<study_key>/): name outputs by it.
+        stem = f"{path.parent.name}-{modality}-{header.get('SeriesNumber', 0)}"
+        if modality == "SR":
+            written.append(render_sr(path, out, stem))
+        elif modality == "SEG":
+            written.extend(render_seg(pydicom.dcmread(path), sources, out, stem, slices=slices,
+                                      size=size))
+        elif modality == "KO":
+            written.extend(render_kos(header, sources, result_paths, out, stem, size=size))
+        elif header.get("SOPClassUID") == SecondaryCaptureImageStorage:
+            ds = pydicom.dcmread(path)
+            written.append(_save_png(ds.pixel_array, out / f"{stem}.png", size))
+    return written
+
+
+MANIFEST = Path(__file__).resolve().parents[1] / "fixtures/engines/ct-head-hemorrhage/manifest.json"
+
+
+def _write(datasets: Iterable[Dataset], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for ds in datasets:
+        ds.save_as(folder / f"{ds.Modality}-{ds.SeriesNumber}.dcm", enforce_file_format=True)
+
+
+def make_demo_results(work: Path) -> tuple[list[Path], list[Path]]:
+    """Demo results for the docs: (result folders, source folders) under ``work``."""
+    from pydicom.data import get_testdata_file
+
+    from deploy.demo.studies import make_study
+    from triage_node.detectors.findings import Code, DetectorResult, Finding, Urgency
+    from triage_node.detectors.segmentation import SegmentationDetector
+    from triage_node.imaging.loader import load_series
+    from triage_node.results import AlgorithmInfo, DeviceInfo, encode_results
+
+    device = DeviceInfo(serial_number="demo-node")
+    study = make_study("bleed", work / "sources", seed=7, bleed_ml=20.0)
+    detector = SegmentationDetector(MANIFEST, threads=2)
+    volume = load_series(sorted(study.folder.glob("*.dcm")))
+    result = detector.run(volume)
+    algorithm = AlgorithmInfo.from_manifest(detector.manifest, device)
+    _write(encode_results(volume, result, algorithm), work / "results" / "bleed")
+
+    cr_path = get_testdata_file("RG1_UNCI.dcm", download=False)
+    if not isinstance(cr_path, str):
+        raise RuntimeError("pydicom-data's RG1_UNCI.dcm is not installed")
+    cr_folder = work / "sources" / "chest-cr"
+    cr_folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(cr_path, cr_folder / "CR0001.dcm")
+    radiograph = load_series([cr_folder / "CR0001.dcm"])
+    _, rows, cols = radiograph.shape
+    yy, xx = np.mgrid[:rows, :cols]
+    heat = np.exp(-(((yy - 0.45 * rows) / (0.1 * rows)) ** 2
+                    + ((xx - 0.3 * cols) / (0.08 * cols)) ** 2))
+    finding = Finding("opacity", Code("128477000", "SCT", "Abnormal opacity"),
+                      Code("49755003", "SCT", "Morphologically Altered Structure"), 0.77,
+                      "OPACITY-1")
+    demo = DetectorResult("demo-cxr-heatmap", "0.0.1", [finding], Urgency.URGENT, 0.5,
+                          heatmap=heat.astype(np.float32)[None])
+    cr_algorithm = AlgorithmInfo(name=demo.detector, version=demo.version, device=device,
+                                 target_findings=(finding.finding_type,))
+    _write(encode_results(radiograph, demo, cr_algorithm), work / "results" / "chest-cr")
+    return [work / "results"], [work / "sources"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", type=Path, help="result files or folders")
+    parser.add_argument("--demo", type=Path, metavar="WORK_DIR",
+                        help="first make the demo results in WORK_DIR, then render them")
+    parser.add_argument("--source", type=Path, help="folder with the source series")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--slices", type=int, default=3, help="SEG slices to render")
+    parser.add_argument("--size", type=int, default=512, help="longer side of PNGs")
+    args = parser.parse_args(argv)
+    inputs, source = list(args.inputs), args.source
+    if args.demo is not None:
+        result_dirs, source_dirs = make_demo_results(args.demo)
+        inputs, source = inputs + result_dirs, source or source_dirs[0]
+    if not inputs:
+        parser.error("give result files or folders, or --demo WORK_DIR")
+    written = render_results(inputs, source, args.out, slices=args.slices, size=args.size)
+    for path in written:
+        print(path)
+    if not written:
+        print("nothing rendered: no SR, SEG, SC or KOS found", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

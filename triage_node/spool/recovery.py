@@ -1,0 +1,92 @@
+"""After an unclean stop: make the state database agree with the spool again.
+
+The spool is the record of what was acknowledged: an instance is answered Success only after
+its file is fsynced and renamed into ``studies/``. The database row written right after can be
+missing when the process was killed between the two, or when a power loss rolled back the
+last commits (``synchronous=NORMAL``, see :mod:`triage_node.state.db`). So when the node
+starts after an unclean stop (the ``RUNNING`` marker in the data dir is still there), every
+spooled file the database does not know is indexed again, with the calling AE title the file
+meta recorded on receipt. Partial files in ``incoming/`` were never acknowledged and are
+removed (:meth:`Spool.clear_incoming`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from triage_node.errors import InvalidDicomError
+from triage_node.logging import get_logger
+from triage_node.spool.index import InstanceIndex, Source, read_header
+from triage_node.spool.store import Spool, SpooledFile
+
+log = get_logger(__name__)
+
+MARKER = "RUNNING"
+
+
+@dataclass
+class RecoveryReport:
+    unclean: bool
+    partial_removed: int = 0
+    reindexed: int = 0
+    unreadable: int = 0
+
+
+def _source_of(data: bytes) -> Source:
+    try:
+        meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+        return Source(calling_ae=str(meta.get("SourceApplicationEntityTitle", "")).strip())
+    except Exception:  # noqa: BLE001 - recovery must go on with an unknown source
+        return Source()
+
+
+def reindex_unknown(spool: Spool, index: InstanceIndex) -> tuple[int, int]:
+    """Index every spooled instance the database does not know; returns (indexed, unreadable)."""
+    known = {row["path"] for row in index.db.query("SELECT path FROM instances")}
+    indexed = unreadable = 0
+    for path in sorted((spool.root / "studies").glob("*/*.dcm")):
+        relative = path.relative_to(spool.root).as_posix()
+        if relative in known:
+            continue
+        data = path.read_bytes()
+        try:
+            header = read_header(data)
+        except InvalidDicomError as exc:
+            unreadable += 1
+            log.error("spooled file cannot be re-indexed", stage="recovery", path=relative,
+                      reason=str(exc))
+            continue
+        sha256 = path.stem.rsplit("-", 1)[-1]
+        index.record(header, SpooledFile(relative, _full_sha256(data, sha256), len(data),
+                                         already_present=True), _source_of(data))
+        indexed += 1
+    return indexed, unreadable
+
+
+def _full_sha256(data: bytes, prefix: str) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    if not digest.startswith(prefix):
+        log.warning("spooled file content does not match its name", stage="recovery")
+    return digest
+
+
+def recover(data_dir: Path, spool: Spool, index: InstanceIndex) -> RecoveryReport:
+    """Run at start, before the receiver listens; leaves the ``RUNNING`` marker in place."""
+    marker = data_dir / MARKER
+    report = RecoveryReport(unclean=marker.exists())
+    report.partial_removed = spool.clear_incoming()
+    if report.unclean:
+        report.reindexed, report.unreadable = reindex_unknown(spool, index)
+        log.warning("recovered after an unclean stop", stage="recovery",
+                    count=report.reindexed, items=report.partial_removed)
+    marker.write_text("triage-node is running; removed on a clean stop\n")
+    return report
+
+
+def mark_clean_stop(data_dir: Path) -> None:
+    (data_dir / MARKER).unlink(missing_ok=True)
