@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 DEBS   := orthanc orthanc-dicomweb dcmtk dicom3tools
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install debs venv demo test lint typecheck unit integration bench clean
+.PHONY: help install debs venv demo test lint typecheck unit integration bench clean engine-cxr-pneumothorax
 
 help:
 	@echo "make demo   - install, then run the whole job on the embedded defaults"
@@ -62,6 +62,14 @@ bench: install
 	$(PY) -m bench.time_to_flag
 	$(PY) -m bench.routing
 	$(PY) -m bench.encode
+	$(PY) -m bench.detectors
+
+# Regenerate the committed cxr-pneumothorax engine, its evaluation and its model card
+# (about 25 min on one thread; resumes from trainers/runs/ when interrupted).
+engine-cxr-pneumothorax: install
+	$(PY) -m trainers train cxr-pneumothorax --threads 1
+	$(PY) -m trainers evaluate cxr-pneumothorax --threads 1
+	$(PY) -m trainers card cxr-pneumothorax
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

@@ -26,6 +26,7 @@ from deploy.demo.studies import make_study
 GRID = (120, 512, 512)
 SPACING = (1.25, 0.45, 0.45)
 QUIET_S = 2.0
+"""Series quiet + study quiet: the wait after the last instance, excluded from the figures."""
 
 
 def _row(label: str, values: list[float]) -> str:
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ttf-") as tmp:
         work = Path(tmp)
         orthanc = LocalOrthanc(work / "orthanc").start()
-        config = write_node_config(work / "conf", assembly__study_quiet_seconds=QUIET_S,
+        config = write_node_config(work / "conf", assembly__series_quiet_seconds=QUIET_S / 2,
+                                   assembly__study_quiet_seconds=QUIET_S / 2,
                                    assembly__sweep_interval_seconds=0.1,
                                    delivery__poll_interval_seconds=0.1)
         node = NodeProcess(work / "node", orthanc, config=config).start()

@@ -91,7 +91,7 @@ class Node:
         self.rules = RulesHolder(config.rules_file, known_detectors=set(self.detectors),
                                  known_destinations=set(config.destinations))
 
-        self.worklist = WorklistStore(self.db)
+        self.worklist = WorklistStore(self.db, order=config.worklist.order)
         self.jobs = JobQueue(self.db)
         self.destinations: dict[str, Destination] = build_destinations(config)
         self.outbox = Outbox(self.db, self.results_root, self.destinations, config.delivery,

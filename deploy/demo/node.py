@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -76,7 +77,9 @@ class NodeProcess:
                "--data-dir", str(self.data_dir), "--dicom-port", str(self.dicom_port),
                "--api-port", str(self.api_port), "--orthanc-url", self.orthanc.url]
         log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        # Its own process group, so that kill() takes down the receiving processes with it.
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      cwd=REPO, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -128,5 +131,8 @@ class NodeProcess:
         self._proc = None
 
     def kill(self) -> None:
+        """SIGKILL the node and its receiving processes at once, as a crash would."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
         kill_process(self._proc)
         self._proc = None

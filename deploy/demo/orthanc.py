@@ -39,6 +39,8 @@ class LocalOrthanc:
     dicom_port: int = field(default_factory=free_port)
     username: str = "triage"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    overwrite: bool = True
+    """``OverwriteInstances``; off is Orthanc's default (a hospital's Orthanc may keep it)."""
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,7 +67,7 @@ class LocalOrthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": True,
             "RegisteredUsers": {self.username: self.password},
-            "OverwriteInstances": True,
+            "OverwriteInstances": self.overwrite,
             "DicomCheckCalledAet": False,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "Plugins": [DICOMWEB_PLUGIN],

@@ -31,7 +31,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOrthanc]:
 def node(orthanc: LocalOrthanc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     _need("storescu")
     folder = tmp_path_factory.mktemp("node")
-    config = write_node_config(folder, assembly__study_quiet_seconds=2,
+    config = write_node_config(folder, assembly__series_quiet_seconds=1,
+                               assembly__study_quiet_seconds=1,
                                delivery__retry_initial_seconds=0.5,
                                delivery__retry_max_seconds=2)
     proc = NodeProcess(folder / "data", orthanc, config=config).start()

@@ -35,6 +35,7 @@ from tests.helpers.dicom_results import (
     load_volume,
     write_head_ct,
 )
+from tests.helpers.pki import make_pki
 from triage_node.config.models import DeliveryConfig, DestinationConfig
 from triage_node.deliver.dicom import DicomStoreDestination
 from triage_node.deliver.dicomweb import DicomWebDestination
@@ -248,28 +249,11 @@ def test_unreachable_archive_is_retried_then_dead_after_max_attempts(
                                                       "associate with ARCHIVE@127.0.0.1")
 
 
-def _make_pki(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=test-ca")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: folder / n for n in ("ca.pem", "server.key", "server.pem", "client.key",
-                                     "client.pem")}
-
-
 def test_tls_with_client_certificate(tmp_path: Path, results: tuple[Path, str, list[Result]],
                                      storescp: Any) -> None:
     pki_dir = tmp_path / "pki"
     pki_dir.mkdir()
-    pki = _make_pki(pki_dir)
+    pki = make_pki(pki_dir)
     scp: StoreSCP = storescp("+tls", str(pki["server.key"]), str(pki["server.pem"]),
                              "+cf", str(pki["ca.pem"]), "-rc")
     tls = {"ca_file": str(pki["ca.pem"]), "cert_file": str(pki["client.pem"]),

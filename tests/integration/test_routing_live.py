@@ -51,7 +51,8 @@ def live(orthanc: LocalOrthanc, rules_file: Path,
     proc = NodeProcess(folder / "data", orthanc)
     # The CLI commands below read this file, so it carries the real ports.
     proc.config = write_node_config(folder, rules_file=str(rules_file), rules_watch_seconds=0.2,
-                                    assembly__study_quiet_seconds=1.0,
+                                    assembly__series_quiet_seconds=0.5,
+                                    assembly__study_quiet_seconds=0.5,
                                     assembly__sweep_interval_seconds=0.2,
                                     api__port=proc.api_port, orthanc__url=orthanc.url)
     proc.start()

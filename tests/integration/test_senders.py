@@ -112,7 +112,8 @@ def sender_node(
         ],
         dicom__max_associations=8,
         dicom__min_free_disk_mb=1,
-        assembly__study_quiet_seconds=2,
+        assembly__series_quiet_seconds=1,
+        assembly__study_quiet_seconds=1,
         delivery__retry_initial_seconds=0.5,
         delivery__retry_max_seconds=2,
     )

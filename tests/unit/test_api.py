@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,30 +27,44 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+def make_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **config: Any) -> Node:
+    """A real node (no detectors unless a test writes one) with the admin token set."""
+    monkeypatch.setenv("TRIAGE_NODE_API_TOKEN", TOKEN)
+    (tmp_path / "detectors").mkdir(exist_ok=True)
+    (tmp_path / "rules.yaml").write_text(RULES)
+    return Node(NodeConfig(data_dir=tmp_path / "data", rules_file=tmp_path / "rules.yaml",
+                           detectors_dir=tmp_path / "detectors",
+                           dicom=DicomConfig(trusted_callers=[TrustedCaller(ae_title="PACS")]),
+                           **config))
+
+
 @pytest.fixture
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
-    monkeypatch.setenv("TRIAGE_NODE_API_TOKEN", TOKEN)
-    (tmp_path / "detectors").mkdir()
-    (tmp_path / "rules.yaml").write_text(RULES)
-    config = NodeConfig(data_dir=tmp_path / "data", rules_file=tmp_path / "rules.yaml",
-                        detectors_dir=tmp_path / "detectors",
-                        dicom=DicomConfig(trusted_callers=[TrustedCaller(ae_title="PACS")]))
-    built = Node(config)
+    built = make_node(tmp_path, monkeypatch)
     yield built
     built.db.close()
 
 
-def _add(node: Node, uid: str, urgency: Urgency, arrived: float) -> None:
+def add_study(node: Node, uid: str, urgency: Urgency | None, arrived: float, *,
+              score: float = 0.9, status: str = "processed") -> str:
+    """A study in the state database; with an urgency also its processed worklist item.
+    Returns its study key."""
+    key = "s-" + hashlib.sha1(uid.encode()).hexdigest()[:12]  # opaque, like the node's
     with node.db.transaction() as conn:
         conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
-                     " first_received, last_received) VALUES (?, ?, 'processed', '{}', ?, ?)",
-                     (uid, "s-" + uid, arrived, arrived))
-        node.worklist.upsert(
-            conn, study_uid=uid, study_key="s-" + uid, urgency=urgency, status="processed",
-            reason=None, rule="r", detectors=["d"],
-            findings=[FindingSummary("d", "hemorrhage", 0.9, 12.0)]
-            if urgency is Urgency.CRITICAL else [],
-            arrived_at=arrived, last_received=arrived, completed_at=arrived)
+                     " first_received, last_received) VALUES (?, ?, ?, '{}', ?, ?)",
+                     (uid, key, status if urgency is None else "processed", arrived, arrived))
+        if urgency is not None:
+            node.worklist.upsert(
+                conn, study_uid=uid, study_key=key, urgency=urgency, status=status,
+                reason=None, rule="r", detectors=["d"],
+                findings=[FindingSummary("d", "hemorrhage", score, 12.0)]
+                if urgency in (Urgency.CRITICAL, Urgency.URGENT) else [],
+                arrived_at=arrived, last_received=arrived, completed_at=arrived)
+    return key
+
+
+_add = add_study
 
 
 def test_worklist_needs_the_configured_token(node: Node) -> None:
@@ -62,7 +78,8 @@ def test_worklist_needs_the_configured_token(node: Node) -> None:
     assert ok.status_code == 200
     item = ok.json()[0]
     assert item["study_instance_uid"] == "1.2" and item["urgency"] == "critical"
-    assert item["rule"] == "r"
+    assert item["tier"] == "critical" and item["study_key"].startswith("s-")
+    assert item["rule"] == "r" and item["summary"] == "hemorrhage 12.0 mL p=0.90"
     assert item["findings"][0] == {"detector": "d", "label": "hemorrhage", "score": 0.9,
                                    "volume_ml": 12.0}
 

@@ -21,7 +21,7 @@ def test_same_seed_same_image_other_seed_other_image() -> None:
     assert a.dtype == np.float32 and a.shape == (256, 256)
     assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b) and info_a == info_b
     assert float(np.abs(a - c).mean()) > 0.01
-    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
 
 
 def test_anatomy_does_not_depend_on_the_grid() -> None:
@@ -101,13 +101,17 @@ def test_dicom_writer_round_trips_through_the_loader(
 
 def test_dicom_writer_rejects_what_it_cannot_encode(tmp_path: Path) -> None:
     image = np.zeros((8, 8), np.float32)
-    common = {"patient_name": "X", "patient_id": "Y", "accession_number": "Z"}
+    path = tmp_path / "a.dcm"
+    ids = ("X", "Y", "Z")
     with pytest.raises(ValueError, match="Modality"):
-        write_chest_radiograph(image, 0.2, tmp_path / "a.dcm", modality="CT", **common)
+        write_chest_radiograph(image, 0.2, path, modality="CT", patient_name=ids[0],
+                               patient_id=ids[1], accession_number=ids[2])
     with pytest.raises(ValueError, match="BitsStored"):
-        write_chest_radiograph(image, 0.2, tmp_path / "a.dcm", bits_stored=10, **common)
+        write_chest_radiograph(image, 0.2, path, bits_stored=10, patient_name=ids[0],
+                               patient_id=ids[1], accession_number=ids[2])
     with pytest.raises(ValueError, match="PixelSpacing"):
-        write_chest_radiograph(image, 0.0, tmp_path / "a.dcm", **common)
+        write_chest_radiograph(image, 0.0, path, patient_name=ids[0], patient_id=ids[1],
+                               accession_number=ids[2])
     with pytest.raises(ValueError, match="AccessionNumber"):
         write_chest_radiograph(
             image, 0.2, tmp_path / "a.dcm", patient_name="X", patient_id="Y",

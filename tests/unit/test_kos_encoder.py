@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from tests.helpers.dicom_results import (
     DETECTOR,
@@ -20,6 +21,7 @@ from tests.helpers.dicom_results import (
     load_volume,
     write_head_ct,
 )
+from triage_node.imaging.loader import load_series
 from triage_node.imaging.volume import Volume
 from triage_node.results import EncodeOptions, KosEncoder, ResultIdentity, ResultKind
 from triage_node.results.identity import device_observer_uid
@@ -122,3 +124,25 @@ def test_negative_and_unlocated_results_have_no_kos(volume: Volume) -> None:
     located = dataclasses.replace(unlocated, centroid_mm=volume.voxel_to_patient((33, 10, 10)))
     (key,) = key_images(volume, detector_result([located]))
     assert (key.slice_index, key.reason) == (33, "centroid")
+
+
+def test_kos_over_an_enhanced_ct_references_frames(tmp_path: Path) -> None:
+    # pydicom-data's two-frame Enhanced CT, as the imaging stage loads it.
+    path = get_testdata_file("eCT_Supplemental.dcm", download=False)
+    assert isinstance(path, str)
+    volume = load_series([Path(path)])
+    assert volume.is_multi_frame_source
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[1, 100:140, 100:140] = True
+    mask[0, 100:104, 100:104] = True
+    kos = KosEncoder(algorithm_info()).encode(
+        volume, detector_result([hemorrhage_finding(mask, volume)])
+    )
+    assert kos is not None
+    out = tmp_path / "kos-enhanced.dcm"
+    kos.save_as(out)
+    assert dciodvfy(out)[0] == []
+    (item,) = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
+    reference = item.ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == volume.source_datasets[0].SOPInstanceUID
+    assert int(reference.ReferencedFrameNumber) == volume.source_frames[1][1]

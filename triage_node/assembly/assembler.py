@@ -1,9 +1,18 @@
-"""Study assembly: decide when a study is complete.
+"""Study assembly: decide when a study is complete, with three timers (``assembly`` config).
 
-A study is complete when no instance has arrived for ``study_quiet_seconds``. The check is an
-APScheduler interval job that reads the state database, so completion survives a restart: the
-database, not an in-memory timer, says which studies are still receiving. Completing a study
-and queueing its processing job happen in one transaction.
+* **Series quiet timer** — a series is complete when no instance of it has arrived for
+  ``series_quiet_seconds``, or at once when it holds as many instances as its sender announced
+  in Images in Acquisition (0020,1002).
+* **Study quiet timer** — a study is complete when all its series are complete and
+  ``study_quiet_seconds`` have passed since the last of them completed without a new series
+  starting (a modality often sends a second series a little after the first).
+* **Force-complete timer** — a study that is still receiving ``force_complete_seconds`` after
+  it started (or was reopened) is completed anyway, so a sender that trickles instances
+  forever cannot hold it back; a later instance simply reopens it.
+
+The checks are an APScheduler interval job over the state database, so completion survives a
+restart: the database, not an in-memory timer, says which studies are still receiving.
+Completing a study and queueing its processing job happen in one transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +27,16 @@ from triage_node.state.db import Database
 
 log = get_logger(__name__)
 
+_DUE = """
+SELECT s.study_uid, s.study_key, s.generation, s.last_received,
+       COALESCE(s.receiving_since, s.first_received) AS since,
+       (SELECT COUNT(*) FROM series x WHERE x.study_uid = s.study_uid
+                                        AND x.completed_at IS NULL) AS open_series,
+       (SELECT MAX(x.completed_at) FROM series x WHERE x.study_uid = s.study_uid) AS settled
+FROM studies s
+WHERE s.status = 'receiving'
+"""
+
 
 class StudyAssembler:
     def __init__(self, db: Database, config: AssemblyConfig, jobs: JobQueue,
@@ -27,28 +46,44 @@ class StudyAssembler:
         self.jobs = jobs
         self.priority_of = priority_of
 
+    def complete_quiet_series(self, now: float) -> int:
+        """Mark series of receiving studies complete once quiet; returns how many."""
+        quiet = self.config.series_quiet_seconds
+        with self.db.transaction() as conn:
+            return int(conn.execute(
+                "UPDATE series SET completed_at = COALESCE(last_received, ?) + ?"
+                " WHERE completed_at IS NULL AND COALESCE(last_received, 0) <= ?"
+                " AND study_uid IN (SELECT study_uid FROM studies WHERE status='receiving')",
+                (now, quiet, now - quiet)).rowcount)
+
     def sweep(self, now: float | None = None) -> int:
-        """Complete every study that has been quiet long enough; returns how many."""
+        """Complete every study whose timers say so; returns how many."""
         now = time.time() if now is None else now
-        due = self.db.query(
-            "SELECT study_uid, study_key, generation FROM studies"
-            " WHERE status='receiving' AND last_received <= ?",
-            (now - self.config.study_quiet_seconds,))
+        self.complete_quiet_series(now)
         completed = 0
-        for row in due:
+        for row in self.db.query(_DUE):
+            forced = row["since"] <= now - self.config.force_complete_seconds
+            settled = (row["open_series"] == 0 and row["settled"] is not None
+                       and row["settled"] <= now - self.config.study_quiet_seconds)
+            if not (forced or settled):
+                continue
             priority = self.priority_of(row["study_uid"])
             with self.db.transaction() as conn:
                 changed = conn.execute(
                     "UPDATE studies SET status='complete', completed_at=? WHERE study_uid=?"
-                    " AND status='receiving' AND generation=? AND last_received <= ?",
-                    (now, row["study_uid"], row["generation"],
-                     now - self.config.study_quiet_seconds)).rowcount
+                    " AND status='receiving' AND generation=? AND last_received=?",
+                    (now, row["study_uid"], row["generation"], row["last_received"])).rowcount
                 if not changed:
                     continue  # an instance arrived meanwhile
                 self.jobs.enqueue(conn, row["study_uid"], row["generation"], priority)
             completed += 1
-            log.info("study complete", stage="assembly", study_key=row["study_key"],
-                     priority=priority, quiet_s=self.config.study_quiet_seconds)
+            if forced and not settled:
+                log.warning("study force-completed while still receiving", stage="assembly",
+                            study_key=row["study_key"], priority=priority,
+                            duration_s=round(now - row["since"], 1))
+            else:
+                log.info("study complete", stage="assembly", study_key=row["study_key"],
+                         priority=priority, quiet_s=round(now - row["last_received"], 2))
         if completed:
             self.jobs.wake()
         return completed

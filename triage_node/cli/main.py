@@ -245,7 +245,8 @@ def _cmd_outbox_list(args: argparse.Namespace) -> int:
     colours = {"pending": "yellow", "delivered": "green", "dead": "bold red"}
     for e in entries:
         row = [str(e.id), e.study_uid if args.show_uids else (e.study_key or "-"),
-               e.destination, e.kind, f"[{colours.get(e.status, '')}]{e.status}[/]",
+               e.destination, e.kind if e.action == "store" else f"{e.kind} (retract)",
+               f"[{colours.get(e.status, '')}]{e.status}[/]",
                str(e.attempts), _fmt_time(e.created_at),
                _fmt_time(e.next_attempt_at) if e.status != "delivered" else "-",
                _fmt_time(e.delivered_at), e.last_error or ""]

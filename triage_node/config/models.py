@@ -83,16 +83,69 @@ class DicomConfig(_Strict):
 
 
 class AssemblyConfig(_Strict):
-    study_quiet_seconds: float = Field(default=30.0, gt=0)
-    """A study is complete when no instance has arrived for this long."""
+    """When a study is complete (see triage_node/assembly/assembler.py and operations.md)."""
+
+    series_quiet_seconds: float = Field(default=10.0, gt=0)
+    """A series is complete when no instance of it arrived for this long (or when it holds
+    the Images in Acquisition count its sender announced)."""
+    study_quiet_seconds: float = Field(default=20.0, ge=0)
+    """After its last series completed, a study waits this long for another series."""
+    force_complete_seconds: float = Field(default=900.0, gt=0)
+    """A study still receiving this long after it started (or reopened) is completed anyway."""
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+class ApiTokenConfig(_Strict):
+    """One API user: a bearer token (read from ``token_env``) with a role and a user name."""
+
+    user: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+    """Who the token belongs to (staff, e.g. ``dr-a``); recorded on claims, reads, feedback
+    and in the audit log."""
+    role: Literal["radiologist", "admin"]
+    """``radiologist``: worklist, claims, reads, feedback. ``admin``: all of that and rules
+    reload, re-runs, outbox retries, system details, audit."""
+    token_env: str = Field(min_length=1)
+    """Environment variable holding the token; unset or empty disables this user."""
 
 
 class ApiConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8642, ge=1, le=65535)
     token_env: str = "TRIAGE_NODE_API_TOKEN"
-    """Environment variable holding the bearer token. Without it the API refuses every request."""
+    """Environment variable holding the admin bearer token (user ``admin``). Without any token
+    configured the API refuses every request."""
+    tokens: list[ApiTokenConfig] = Field(default_factory=list)
+    """More users, each with a role; e.g. ``{user: dr-a, role: radiologist,
+    token_env: TRIAGE_NODE_TOKEN_DR_A}``."""
+
+    @model_validator(mode="after")
+    def _unique_users(self) -> ApiConfig:
+        users = [t.user for t in self.tokens]
+        envs = [t.token_env for t in self.tokens] + [self.token_env]
+        for what, values in (("user", users), ("token_env", envs)):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"api.tokens: {what} {', '.join(repeated)} given more than once")
+        return self
+
+
+WorklistOrderKey = Literal["tier", "score", "arrival"]
+
+
+class WorklistConfig(_Strict):
+    order: list[WorklistOrderKey] = Field(
+        default_factory=lambda: list[WorklistOrderKey](["tier", "score", "arrival"]))
+    """Sort keys of the worklist, most significant first: ``tier`` (critical first),
+    ``score`` (highest calibrated finding score first), ``arrival`` (oldest first)."""
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, value: list[WorklistOrderKey]) -> list[WorklistOrderKey]:
+        if not value:
+            raise ValueError("order needs at least one of tier, score, arrival")
+        if len(set(value)) != len(value):
+            raise ValueError(f"order names a key twice: {value}")
+        return value
 
 
 class OrthancConfig(_Strict):
@@ -236,6 +289,7 @@ class NodeConfig(_Strict):
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    worklist: WorklistConfig = Field(default_factory=WorklistConfig)
     orthanc: OrthancConfig = Field(default_factory=OrthancConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -34,3 +34,12 @@ class FolderDestination:
             raise DeliveryError(f"cannot write to {self.folder}: {exc.strerror}",
                                 retryable=True) from exc
         return name
+
+    def retract(self, sop_instance_uid: str) -> None:
+        """Remove a superseded object (absent already is fine)."""
+        name = hashlib.sha1(sop_instance_uid.encode()).hexdigest() + ".dcm"
+        try:
+            (self.folder / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise DeliveryError(f"cannot remove from {self.folder}: {exc.strerror}",
+                                retryable=True) from exc

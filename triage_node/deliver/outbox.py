@@ -45,6 +45,22 @@ class Destination(Protocol):
 
 
 @runtime_checkable
+class RetractingDestination(Protocol):
+    """A destination that can delete an object it stored (Orthanc, a folder).
+
+    Used when a re-processed study's results supersede earlier ones with other UIDs (e.g. the
+    detector now analyses another series): the earlier objects are removed so that viewers
+    never show two contradicting results. ``retract`` of an absent object succeeds.
+    """
+
+    name: str
+
+    def send(self, data: bytes) -> str: ...
+
+    def retract(self, sop_instance_uid: str) -> None: ...
+
+
+@runtime_checkable
 class BatchDestination(Protocol):
     """A destination that sends several objects at once (one association, one STOW request).
 
@@ -75,6 +91,8 @@ class OutboxRecord:
     study_key: str | None
     destination: str
     kind: str
+    action: str
+    """``store`` a result, or ``retract`` one a later run superseded."""
     status: str
     attempts: int
     last_error: str | None
@@ -88,7 +106,8 @@ class OutboxRecord:
     def to_dict(self, *, show_uids: bool = False) -> dict[str, object]:
         data: dict[str, object] = {
             "id": self.id, "study_key": self.study_key, "destination": self.destination,
-            "kind": self.kind, "status": self.status, "attempts": self.attempts,
+            "kind": self.kind, "action": self.action, "status": self.status,
+            "attempts": self.attempts,
             "last_error": self.last_error, "created_at": self.created_at,
             "next_attempt_at": self.next_attempt_at if self.status == "pending" else None,
             "dead_at": self.next_attempt_at if self.status == "dead" else None,
@@ -107,7 +126,8 @@ def list_entries(db: Database, *, status: str | None = None, destination: str | 
         raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
     where, params = _filters(status=status, destination=destination)
     rows = db.query(
-        "SELECT o.id, s.study_key, o.destination, o.kind, o.status, o.attempts, o.last_error,"
+        "SELECT o.id, s.study_key, o.destination, o.kind, o.action, o.status, o.attempts,"
+        " o.last_error,"
         " o.created_at, o.next_attempt_at, o.delivered_at, o.study_uid, o.sop_instance_uid"
         " FROM outbox o LEFT JOIN studies s ON s.study_uid = o.study_uid"
         f" {where} ORDER BY o.created_at DESC, o.id DESC LIMIT ?", (*params, limit))
@@ -168,10 +188,34 @@ class Outbox:
                 "INSERT INTO outbox (study_uid, destination, sop_instance_uid, kind, path, status,"
                 " attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,'pending',0,?,?)"
                 " ON CONFLICT(destination, sop_instance_uid) DO UPDATE SET status='pending',"
-                " attempts=0, next_attempt_at=excluded.next_attempt_at, path=excluded.path,"
-                " last_error=NULL, delivered_at=NULL",
+                " action='store', attempts=0, next_attempt_at=excluded.next_attempt_at,"
+                " path=excluded.path, last_error=NULL, delivered_at=NULL",
                 (study_uid, destination, e.sop_instance_uid, e.kind, e.relative_path, now, now),
             )
+
+    def supersede(self, conn: Any, study_uid: str, destination: str,
+                  keep: set[str]) -> int:
+        """Inside the caller's transaction: earlier results of the study not in ``keep`` are
+        withdrawn — never sent if still untried, retracted from the destination otherwise.
+
+        Returns how many entries will be retracted.
+        """
+        rows = conn.execute(
+            "SELECT id, sop_instance_uid, status, attempts FROM outbox WHERE study_uid=?"
+            " AND destination=? AND action='store'", (study_uid, destination)).fetchall()
+        retract = 0
+        for row in rows:
+            if row["sop_instance_uid"] in keep:
+                continue
+            if (row["status"] == "pending" and row["attempts"] == 0) or row["status"] == "dead":
+                conn.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
+            else:  # delivered, or tried: the archive may hold it
+                conn.execute(
+                    "UPDATE outbox SET action='retract', status='pending', attempts=0,"
+                    " next_attempt_at=?, last_error=NULL, delivered_at=NULL WHERE id=?",
+                    (time.time(), row["id"]))
+                retract += 1
+        return retract
 
     def _backoff(self, attempts: int) -> float:
         return float(min(self.config.retry_max_seconds,
@@ -188,13 +232,48 @@ class Outbox:
 
     def _deliver_due(self) -> int:
         rows = self.db.query(
-            "SELECT o.id, o.study_uid, o.destination, o.kind, o.path, o.attempts, s.study_key"
+            "SELECT o.id, o.study_uid, o.destination, o.kind, o.path, o.attempts, o.action,"
+            " o.sop_instance_uid, s.study_key"
             " FROM outbox o JOIN studies s ON s.study_uid = o.study_uid"
             " WHERE o.status='pending' AND o.next_attempt_at <= ?"
             " ORDER BY o.next_attempt_at, o.id LIMIT 200", (time.time(),))
         by_destination: dict[str, list[sqlite3.Row]] = {}
+        retractions: list[sqlite3.Row] = []
         for row in rows:
-            by_destination.setdefault(row["destination"], []).append(row)
+            if row["action"] == "retract":
+                retractions.append(row)
+            else:
+                by_destination.setdefault(row["destination"], []).append(row)
+        delivered = self._deliver_stores(by_destination)
+        self._retract(retractions)
+        return delivered
+
+    def _retract(self, rows: list[sqlite3.Row]) -> None:
+        """Withdraw superseded results, each only once its study's new results are stored."""
+        for row in rows:
+            waiting = self.db.query(
+                "SELECT COUNT(*) FROM outbox WHERE study_uid=? AND destination=?"
+                " AND action='store' AND status='pending'",
+                (row["study_uid"], row["destination"]))[0][0]
+            if waiting:
+                continue
+            destination = self.destinations.get(row["destination"])
+            try:
+                if destination is None:
+                    raise DeliveryError(f"destination {row['destination']!r} is not configured",
+                                        retryable=False)
+                if not isinstance(destination, RetractingDestination):
+                    raise DeliveryError(
+                        f"a superseded {row['kind']} result stays in {row['destination']}: "
+                        "this kind of destination cannot delete; remove it there by hand",
+                        retryable=False)
+                destination.retract(row["sop_instance_uid"])
+            except DeliveryError as exc:
+                self._failed(row, exc)
+                continue
+            self._delivered(row)
+
+    def _deliver_stores(self, by_destination: dict[str, list[sqlite3.Row]]) -> int:
         delivered = 0
         for name, group in by_destination.items():
             destination = self.destinations.get(name)
@@ -288,5 +367,8 @@ class Outbox:
                 (row["study_uid"],)).fetchone()[0]
             if left == 0:
                 self.worklist.mark_delivered(conn, row["study_uid"])
-        log.info("result delivered", stage="deliver", study_key=row["study_key"],
+        if left == 0:
+            self.worklist.notify("delivered", row["study_key"])
+        log.info("superseded result removed" if row["action"] == "retract"
+                 else "result delivered", stage="deliver", study_key=row["study_key"],
                  destination=row["destination"], kind=row["kind"], attempt=attempts)

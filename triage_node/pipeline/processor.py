@@ -26,6 +26,7 @@ from triage_node.errors import TriageError
 from triage_node.imaging.loader import load_series
 from triage_node.imaging.volume import Volume
 from triage_node.logging import get_logger
+from triage_node.metrics import observe_study
 from triage_node.pipeline.jobs import Job, JobQueue
 from triage_node.routing.context import study_context
 from triage_node.routing.rules import Decision, Router
@@ -171,6 +172,15 @@ class StudyProcessor:
         destinations = (decision.destinations if decision is not None and
                         decision.destinations is not None else self.default_destinations)
         with self.db.transaction() as conn:
+            if error is None:
+                # This run's results supersede any earlier run's (a reopened study, changed
+                # rules): objects the new run did not produce are withdrawn everywhere.
+                keep = {o.sop_instance_uid for o in outcome.objects}
+                earlier = [r[0] for r in conn.execute(
+                    "SELECT DISTINCT destination FROM outbox WHERE study_uid=?",
+                    (job.study_uid,))]
+                for destination in earlier:
+                    self.outbox.supersede(conn, job.study_uid, destination, keep)
             for destination in destinations if outcome.objects else []:
                 self.outbox.enqueue(conn, job.study_uid, destination, outcome.objects)
             if decision is not None and decision.rule is not None:
@@ -193,6 +203,8 @@ class StudyProcessor:
                 ("failed" if error else "processed", time.time(), job.study_uid,
                  job.generation))
         total = time.perf_counter() - started
+        observe_study(outcome.timings_s, total)
+        self.worklist.notify("processed", job.study_key)
         log_fn = log.error if error else log.info
         log_fn("study processed", urgency=str(outcome.urgency), status=outcome.status,
                reason=outcome.reason if error else None, objects=len(outcome.objects),

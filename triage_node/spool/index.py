@@ -210,6 +210,16 @@ def attribute_delta(base: dict[str, Any], attrs: dict[str, Any]) -> dict[str, An
     return {k: v for k, v in attrs.items() if base.get(k) != v}
 
 
+def _expected_instances(attributes: dict[str, str | list[str]]) -> int | None:
+    """Images in Acquisition (0020,1002) when the sender filled it with a usable count."""
+    value = attributes.get("ImagesInAcquisition")
+    try:
+        count = int(str(value).strip()) if isinstance(value, str) else 0
+    except ValueError:
+        return None
+    return count if 0 < count <= 100_000 else None
+
+
 @dataclass(frozen=True)
 class RecordOutcome:
     study_key: str
@@ -239,10 +249,10 @@ class InstanceIndex:
             if row is None:
                 conn.execute(
                     "INSERT INTO studies (study_uid, study_key, status, attrs_json, calling_ae,"
-                    " called_ae, source_host, first_received, last_received)"
-                    " VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?)",
+                    " called_ae, source_host, first_received, last_received, receiving_since)"
+                    " VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?, ?)",
                     (header.study_uid, study_key, json.dumps(header.attributes),
-                     source.calling_ae, source.called_ae, source.host, now, now),
+                     source.calling_ae, source.called_ae, source.host, now, now, now),
                 )
             existing = conn.execute(
                 "SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
@@ -254,19 +264,27 @@ class InstanceIndex:
                 reopened = True
                 conn.execute(
                     "UPDATE studies SET status = 'receiving', generation = generation + 1,"
-                    " last_received = ? WHERE study_uid = ?", (now, header.study_uid))
+                    " last_received = ?, receiving_since = ? WHERE study_uid = ?",
+                    (now, now, header.study_uid))
             else:
                 conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
                              (now, header.study_uid))
             conn.execute(
-                "INSERT INTO series (series_uid, study_uid, series_key, modality, attrs_json)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO NOTHING",
+                "INSERT INTO series (series_uid, study_uid, series_key, modality, attrs_json,"
+                " first_received, expected_instances) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(series_uid) DO NOTHING",
                 (header.series_uid, header.study_uid, self.keys.series_key(header.series_uid),
-                 header.modality, json.dumps(header.attributes)),
+                 header.modality, json.dumps(header.attributes), now,
+                 _expected_instances(header.attributes)),
             )
-            if existing is None:
-                conn.execute("UPDATE series SET instance_count = instance_count + 1"
-                             " WHERE series_uid = ?", (header.series_uid,))
+            # A series is complete at once when it holds as many instances as the sender
+            # said it would (Images in Acquisition); otherwise the assembler's quiet timer
+            # completes it. Any new instance makes it incomplete again until then.
+            conn.execute(
+                "UPDATE series SET instance_count = instance_count + ?, last_received = ?,"
+                " completed_at = CASE WHEN expected_instances > 0 AND instance_count + ?"
+                " >= expected_instances THEN ? ELSE NULL END WHERE series_uid = ?",
+                (int(existing is None), now, int(existing is None), now, header.series_uid))
             series_attrs = json.loads(conn.execute(
                 "SELECT attrs_json FROM series WHERE series_uid = ?",
                 (header.series_uid,)).fetchone()[0])

@@ -18,6 +18,16 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    # (table, column, declaration) added after the first release, oldest first.
+    ("series", "first_received", "REAL"),
+    ("series", "last_received", "REAL"),
+    ("series", "expected_instances", "INTEGER"),
+    ("series", "completed_at", "REAL"),
+    ("studies", "receiving_since", "REAL"),
+    ("outbox", "action", "TEXT NOT NULL DEFAULT 'store'"),
+]
+
 
 class Database:
     """Thread-safe access to the state database: each thread gets its own connection."""
@@ -30,7 +40,20 @@ class Database:
         self._lock = threading.Lock()
         # executescript commits on its own; the schema is idempotent (IF NOT EXISTS).
         schema = resources.files("triage_node.state").joinpath("schema.sql").read_text()
-        self.connection().executescript(schema)
+        conn = self.connection()
+        conn.executescript(schema)
+        self._add_columns(conn)
+
+    def _add_columns(self, conn: sqlite3.Connection) -> None:
+        """Bring a database made by an earlier version up to date: add missing columns.
+
+        ``schema.sql`` creates tables as they are now; a table that already existed keeps its
+        old columns, so every column added later is listed in :data:`ADDED_COLUMNS` too.
+        """
+        for table, column, declaration in ADDED_COLUMNS:
+            present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

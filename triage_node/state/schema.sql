@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received    REAL NOT NULL,
     completed_at     REAL,
     processed_at     REAL,
-    generation       INTEGER NOT NULL DEFAULT 0  -- bumped when a late instance reopens the study
+    generation       INTEGER NOT NULL DEFAULT 0,  -- bumped when a late instance reopens the study
+    receiving_since  REAL                    -- start of the current generation's receiving
 );
 CREATE INDEX IF NOT EXISTS studies_status ON studies(status, last_received);
 
@@ -29,7 +30,11 @@ CREATE TABLE IF NOT EXISTS series (
     series_key     TEXT NOT NULL UNIQUE,
     modality       TEXT,
     attrs_json     TEXT NOT NULL,            -- series-level attributes of the first instance
-    instance_count INTEGER NOT NULL DEFAULT 0
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    first_received REAL,
+    last_received  REAL,
+    expected_instances INTEGER,              -- Images in Acquisition (0020,1002), when sent
+    completed_at   REAL                      -- NULL while the series may still grow
 );
 CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
 
@@ -66,7 +71,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     study_uid        TEXT NOT NULL,
     destination      TEXT NOT NULL,
     sop_instance_uid TEXT NOT NULL,
-    kind             TEXT NOT NULL,          -- SEG | SR
+    kind             TEXT NOT NULL,          -- SEG | SR | KO | SC (the result's modality)
+    action           TEXT NOT NULL DEFAULT 'store',  -- store | retract (superseded result)
     path             TEXT NOT NULL,          -- relative to the results root
     status           TEXT NOT NULL,          -- pending | delivered | dead
     attempts         INTEGER NOT NULL DEFAULT 0,
@@ -104,3 +110,50 @@ CREATE TABLE IF NOT EXISTS rule_stats (
     matches         INTEGER NOT NULL DEFAULT 0,
     last_matched_at REAL
 );
+
+-- Radiologist actions on worklist items (issue 8). A separate table rather than new columns
+-- on `worklist`, so an existing database gains it through CREATE TABLE IF NOT EXISTS alone;
+-- it also survives a re-run of the study, which replaces the worklist row.
+CREATE TABLE IF NOT EXISTS worklist_claims (
+    study_uid   TEXT PRIMARY KEY,
+    claimed_by  TEXT,                        -- API user name (staff, never patient data)
+    claimed_at  REAL,
+    read_by     TEXT,
+    read_at     REAL,
+    updated_at  REAL NOT NULL
+);
+
+-- Radiologist feedback on the AI's findings: one row per verdict, never updated.
+CREATE TABLE IF NOT EXISTS feedback (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid      TEXT NOT NULL,
+    detector       TEXT NOT NULL,
+    finding_index  INTEGER,                  -- index in the item's findings; NULL: the study's result
+    label          TEXT,                     -- the finding's label when finding_index is set
+    verdict        TEXT NOT NULL,            -- agree | disagree | comment
+    comment        TEXT,
+    user           TEXT NOT NULL,
+    created_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_study ON feedback(study_uid, created_at);
+CREATE INDEX IF NOT EXISTS feedback_detector ON feedback(detector, created_at);
+
+-- Who did what, append-only: the triggers refuse UPDATE and DELETE. No patient data: studies
+-- are named by study_key, details carry only allow-listed keys (triage_node/audit.py).
+CREATE TABLE IF NOT EXISTS audit (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          REAL NOT NULL,
+    user        TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    study_key   TEXT,
+    detail_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+
+-- Throughput and error figures of /api/system and /metrics read finished jobs by time.
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);

@@ -125,7 +125,7 @@ class KosEncoder:
         ``also_reference`` are result images of the same study to flag as well (the heatmap
         Secondary Capture); they are listed after the source images.
         """
-        check_inputs(volume, result, self._algorithm)
+        check_inputs(volume, result, self._algorithm, multi_frame_ok=True)
         keys = key_images(volume, result)
         if not keys:
             return None
@@ -136,11 +136,18 @@ class KosEncoder:
         device = algorithm.device
         identity = result_identity(volume, algorithm, self._options)
 
-        slices: list[int] = []
+        # Source instance of each key slice, and for a multi-frame source (Enhanced CT/MR)
+        # which frames of it (Referenced Frame Number, PS3.3 C.17.3.2.x IMAGE item).
+        frames: dict[int, list[int]] = {}
         for key in keys:
-            if key.slice_index not in slices:
-                slices.append(key.slice_index)
-        referenced = [volume.source_datasets[k] for k in slices] + list(also_reference)
+            if volume.is_multi_frame_source:
+                dataset_index, frame = volume.source_frames[key.slice_index]
+            else:
+                dataset_index, frame = key.slice_index, 0
+            numbers = frames.setdefault(dataset_index, [])
+            if frame and frame not in numbers:
+                numbers.append(frame)
+        referenced = [volume.source_datasets[k] for k in frames] + list(also_reference)
 
         with encoding_step("KOS content (TID 2010)"):
             content = hd.ko.KeyObjectSelection(
@@ -149,6 +156,17 @@ class KosEncoder:
                 observer_device_context=device_observer_context(algorithm, self._options),
                 description=self._description(volume, result, keys),
             )
+            by_uid = {
+                str(volume.source_datasets[k].SOPInstanceUID): numbers
+                for k, numbers in frames.items()
+                if numbers
+            }
+            for item in content[0].ContentSequence:
+                if item.ValueType == "IMAGE":
+                    reference = item.ReferencedSOPSequence[0]
+                    frame_numbers = by_uid.get(str(reference.ReferencedSOPInstanceUID))
+                    if frame_numbers:
+                        reference.ReferencedFrameNumber = frame_numbers
         with encoding_step("KOS"):
             kos = hd.ko.KeyObjectSelectionDocument(
                 evidence=referenced,
@@ -175,9 +193,14 @@ class KosEncoder:
         parts: list[str] = []
         for key in keys:
             finding = by_id[key.tracking_id]
-            source = volume.source_datasets[key.slice_index]
-            image = getattr(source, "InstanceNumber", None)
-            where = f"image {image}" if image is not None else f"slice {key.slice_index + 1}"
+            if volume.is_multi_frame_source:
+                dataset_index, frame = volume.source_frames[key.slice_index]
+                source = volume.source_datasets[dataset_index]
+                where = f"frame {frame} of image {getattr(source, 'InstanceNumber', '?')}"
+            else:
+                source = volume.source_datasets[key.slice_index]
+                image = getattr(source, "InstanceNumber", None)
+                where = f"image {image}" if image is not None else f"slice {key.slice_index + 1}"
             parts.append(
                 f"{finding.label} {finding.tracking_id} (score {float(finding.score):.2f}) "
                 f"on {where}"

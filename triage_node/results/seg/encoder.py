@@ -154,8 +154,13 @@ class SegEncoder:
         # still references the source instance of its own slice.
         masks = [m for m in (finding_mask(f) for f in findings) if m is not None]
         occupied = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
-        sources = [volume.source_datasets[int(k)] for k in occupied]
-        pixel_array = _pixel_array([m[occupied] for m in masks])
+        if volume.is_multi_frame_source:
+            # One multi-frame source: highdicom wants one plane per source frame.
+            sources = list(volume.source_datasets)
+            pixel_array = _in_source_frame_order(volume, _pixel_array(masks))
+        else:
+            sources = [volume.source_datasets[int(k)] for k in occupied]
+            pixel_array = _pixel_array([m[occupied] for m in masks])
 
         with encoding_step("SEG"):
             seg = hd.seg.Segmentation(

@@ -1,0 +1,50 @@
+"""Start after an unclean stop: spooled-but-unindexed instances are indexed, partials removed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+
+from triage_node.receive.ul import file_meta
+from triage_node.spool.index import InstanceIndex, read_header
+from triage_node.spool.recovery import MARKER, mark_clean_stop, recover
+from triage_node.spool.store import Spool
+from triage_node.state.db import Database
+from triage_node.state.keys import KeyMaker
+
+
+def _as_received(calling_ae: str) -> bytes:
+    """CT_small as the receiver writes it: its meta (with the caller) + the data set bytes."""
+    raw = Path(str(get_testdata_file("CT_small.dcm", download=False))).read_bytes()
+    header = read_header(raw)
+    body_start = raw.index(b"\x08\x00\x05\x00")  # first data set element after the meta
+    return file_meta(header.sop_class_uid, header.sop_instance_uid,
+                     header.transfer_syntax, calling_ae) + raw[body_start:]
+
+
+def test_unclean_stop_reindexes_spooled_files_and_clears_partials(tmp_path: Path) -> None:
+    db = Database(tmp_path / "state.sqlite3")
+    spool = Spool(tmp_path / "spool")
+    index = InstanceIndex(db, KeyMaker(b"k"))
+    data = _as_received("MODALITY1")
+    header = read_header(data)
+    # Spooled and renamed, then killed before the index row was committed.
+    spool.store(index.keys.study_key(header.study_uid), header.sop_instance_uid, data)
+    partial = spool.incoming()
+    partial.write(b"half an instance")
+    (tmp_path / MARKER).write_text("running")
+
+    report = recover(tmp_path, spool, index)
+
+    assert (report.unclean, report.reindexed, report.partial_removed) == (True, 1, 1)
+    row = db.query("SELECT i.sop_instance_uid, s.calling_ae FROM instances i"
+                   " JOIN studies s USING (study_uid)")[0]
+    assert (row["sop_instance_uid"], row["calling_ae"]) == (header.sop_instance_uid,
+                                                             "MODALITY1")
+    assert not list(spool.incoming_dir.iterdir())
+    assert (tmp_path / MARKER).exists()  # running again
+    # A second unclean start finds nothing new to index.
+    assert recover(tmp_path, spool, index).reindexed == 0
+    mark_clean_stop(tmp_path)
+    assert recover(tmp_path, spool, index).unclean is False
