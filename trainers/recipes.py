@@ -398,10 +398,10 @@ CXR_PNEUMOTHORAX = ClassifierRecipe(
     ),
     network=ClassifierNetworkSpec(channels=(16, 24, 48, 96), strides=(2, 2, 2, 2)),
     training=ClassifierTrainingSpec(
-        train_cases=2400,
+        train_cases=2000,
         val_cases=400,
         positive_fraction=0.5,
-        epochs=12,
+        epochs=14,
         batch_size=16,
         learning_rate=3e-3,
         weight_decay=1e-4,

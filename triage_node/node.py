@@ -104,7 +104,8 @@ class Node:
             worklist=self.worklist, jobs=self.jobs)
         self.assembler = StudyAssembler(self.db, config.assembly, self.jobs, self._priority_of)
         self.ingestor = Ingestor(self.spool, self.index,
-                                 min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024)
+                                 min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024,
+                                 limits=config.limits)
         self.receiver = ReceiverPool(config, self.ingestor)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.workers = [Worker(f"worker-{i}", self.jobs, self.processor)

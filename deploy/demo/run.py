@@ -4,7 +4,7 @@
 2. generate three head CTs (a large bleed, a small bleed, a normal) and a chest CT;
 3. send each study with DCMTK ``storescu`` to Orthanc (the archive holds the images) and to
    the node (as a PACS forwarding rule would);
-4. wait for the worklist, print it, the SEG/SR objects now in Orthanc with their URLs and
+4. wait for the worklist, print it, the SEG/SR/KOS objects now in Orthanc with their URLs and
    ``dciodvfy``'s verdict on each; then stop what it started (``--keep`` keeps it running).
 """
 
@@ -50,7 +50,7 @@ def _show_results(orthanc: LocalOrthanc, workdir: Path) -> None:
                 modality = series["MainDicomTags"].get("Modality", "")
                 descr = series["MainDicomTags"].get("SeriesDescription", "")
                 line = f"    {modality:4} {len(series['Instances']):4} inst  {descr}"
-                if modality in ("SEG", "SR"):
+                if modality in ("SEG", "SR", "KO"):
                     data = client.get(f"/instances/{series['Instances'][0]}/file").content
                     line += f"   [{_dciodvfy(data, workdir)}]"
                     line += f"\n         {orthanc.url}/app/explorer.html#series?uuid={series_id}"

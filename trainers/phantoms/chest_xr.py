@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from trainers.phantoms._grid import RngLike, make_rng
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 """Bump when the generator changes what a seed produces (invalidates training caches)."""
 
 #: Decoys and how often each appears (independently) on any case.
@@ -195,11 +195,11 @@ def draw_chest(rng_or_seed: RngLike, *, pneumothorax_size: float | None) -> Ches
             # Small ones are apical; larger ones extend down the lateral wall.
             centre=-math.pi / 2 + (0.15 + 0.9 * s) * rng.uniform(0.2, 1.0),
             half_width=0.45 + 1.3 * s + rng.uniform(-0.1, 0.15),
-            depth=0.05 + 0.35 * s + rng.uniform(0.0, 0.05),
+            depth=0.08 + 0.34 * s + rng.uniform(0.0, 0.05),
             plateau=rng.uniform(1.0, 2.5),
-            line_amp=rng.uniform(0.025, 0.07),
-            line_sigma_px=rng.uniform(0.45, 0.9),
-            lucency=rng.uniform(0.015, 0.05),
+            line_amp=rng.uniform(0.04, 0.09),
+            line_sigma_px=rng.uniform(0.5, 1.0),
+            lucency=rng.uniform(0.04, 0.09),
         )
     decoys: dict[str, dict[str, float]] = {}
     for name, rate in DECOY_RATES.items():
@@ -390,7 +390,7 @@ def render_chest(
         for seg in lung.vessels:
             _segment_layer(layer, x, y, seg, apx, to_pixels)
         # Markings fade towards the periphery (small vessels are below resolution there).
-        vessels += layer * collapsed * np.clip(1.25 - rho, 0.0, 1.0) ** 0.7
+        vessels += layer * collapsed * np.clip(1.4 - rho, 0.0, 1.0) ** 0.5
         lung_masks.append(soft)
         collapsed_masks.append(collapsed)
         img -= params.lung_contrast * soft * (0.55 + 0.45 * np.sqrt(np.clip(1 - rho**2, 0, 1)))
@@ -420,7 +420,7 @@ def render_chest(
     tex = rng.normal(0, 1, shape).astype(np.float32)
     scale_px = 0.012 / apx
     tex = ndimage.gaussian_filter(tex, scale_px) - ndimage.gaussian_filter(tex, 3 * scale_px)
-    tex *= 0.012 / (tex.std() + 1e-6)
+    tex *= 0.018 / (tex.std() + 1e-6)
     img += tex * collapsed_all
 
     img += 0.14 * med * body + 0.08 * heart * body

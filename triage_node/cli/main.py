@@ -43,11 +43,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from triage_node.api.app import create_app
     from triage_node.logging import configure_logging
     from triage_node.node import Node
-    from triage_node.receive import validate
 
     config = _load_config(args)
     configure_logging(config.logging.level)
-    validate.configure(config.limits)
     node = Node(config)
     app = create_app(node)
     server = uvicorn.Server(uvicorn.Config(
@@ -334,7 +332,6 @@ def _cmd_quarantine_show(args: argparse.Namespace) -> int:
 
 def _cmd_quarantine_retry(args: argparse.Namespace) -> int:
     from triage_node.logging import configure_logging
-    from triage_node.receive import validate
     from triage_node.receive.ingest import Ingestor
     from triage_node.spool.index import InstanceIndex
     from triage_node.spool.store import Spool
@@ -347,14 +344,13 @@ def _cmd_quarantine_retry(args: argparse.Namespace) -> int:
         print("triage-node: give quarantine ids or --all", file=sys.stderr)
         return 2
     entries = quarantine.entries() if args.all else [quarantine.get(i) for i in args.ids]
-    # One set of limits for the pre-check and for the ingest path's read_header.
-    validate.configure(config.limits)
     data_dir = config.data_dir
     db = Database(data_dir / "state.sqlite3")
     try:
         ingestor = Ingestor(Spool(data_dir / "spool"),
                             InstanceIndex(db, KeyMaker.for_data_dir(data_dir)),
-                            min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024)
+                            min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024,
+                            limits=config.limits)
         results = quarantine.retry(entries, ingestor.ingest, config.limits)
     finally:
         db.close()

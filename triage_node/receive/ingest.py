@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
+from triage_node.config.models import LimitsConfig
 from triage_node.errors import InvalidDicomError, UnusableDicomError
 from triage_node.logging import get_logger
 from triage_node.spool.index import InstanceHeader, InstanceIndex, Source, read_header
@@ -54,10 +55,13 @@ class IngestOutcome:
 
 
 class Ingestor:
-    def __init__(self, spool: Spool, index: InstanceIndex, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, spool: Spool, index: InstanceIndex, *, min_free_bytes: int = 0,
+                 limits: LimitsConfig | None = None) -> None:
         self.spool = spool
         self.index = index
         self.min_free_bytes = min_free_bytes
+        self.limits = limits
+        """What the receiver accepts (``limits`` in node.yaml); None: the defaults."""
         self._lock = threading.Lock()
         self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-flush")
         self.counters = {s.value: 0 for s in IngestStatus}
@@ -82,7 +86,7 @@ class Ingestor:
         if not self.has_space():
             return self.refuse_no_space()
         try:
-            header = read_header(data)
+            header = read_header(data, self.limits)
         except UnusableDicomError as exc:
             self.spool.quarantine(data, str(exc), {"calling_ae": source.calling_ae})
             return self._quarantined(exc, source)
@@ -107,7 +111,7 @@ class Ingestor:
         sealing = self._flusher.submit(incoming.seal)
         try:
             data = incoming.path.read_bytes()
-            header: InstanceHeader | None = read_header(data)
+            header: InstanceHeader | None = read_header(data, self.limits)
             problem: InvalidDicomError | None = None
         except InvalidDicomError as exc:
             header, problem = None, exc

@@ -40,7 +40,8 @@ def build_ingestor(config: NodeConfig, db: Database) -> Ingestor:
     data_dir = config.data_dir
     return Ingestor(Spool(data_dir / "spool"),
                     InstanceIndex(db, KeyMaker.for_data_dir(data_dir)),
-                    min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024)
+                    min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024,
+                    limits=config.limits)
 
 
 def _child(config_json: str, listener: socket.socket, counter: Any, parent_pid: int) -> None:

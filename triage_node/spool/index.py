@@ -177,22 +177,26 @@ def read_header(data: bytes, limits: LimitsConfig | None = None) -> InstanceHead
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:
     """Index a parsed data set (from a file, or DICOM JSON metadata from WADO-RS)."""
-    missing = [
-        kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-        if not str(ds.get(kw, "") or "").strip()
-    ]
+    attributes = header_attributes(ds)
+
+    def text(keyword: str) -> str:
+        value = attributes.get(keyword, "")
+        return (value if isinstance(value, str) else "\\".join(value)).strip()
+
+    missing = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                             "SOPClassUID") if not text(kw)]
     if missing:
         raise UnusableDicomError(f"missing required attribute(s): {', '.join(missing)}")
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     return InstanceHeader(
-        study_uid=str(ds.StudyInstanceUID).strip(),
-        series_uid=str(ds.SeriesInstanceUID).strip(),
-        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
-        sop_class_uid=str(ds.SOPClassUID).strip(),
+        study_uid=text("StudyInstanceUID"),
+        series_uid=text("SeriesInstanceUID"),
+        sop_instance_uid=text("SOPInstanceUID"),
+        sop_class_uid=text("SOPClassUID"),
         transfer_syntax=tsyntax,
-        modality=str(ds.get("Modality", "") or ""),
-        attributes=header_attributes(ds),
+        modality=text("Modality"),
+        attributes=attributes,
     )
 
 
