@@ -60,8 +60,10 @@ integration: install
 
 bench: install
 	$(PY) -m bench.time_to_flag
+	$(PY) -m bench.backlog
 	$(PY) -m bench.routing
 	$(PY) -m bench.encode
+	$(PY) -m bench.worklist_api
 	$(PY) -m bench.detectors
 
 # Regenerate the committed cxr-pneumothorax engine, its evaluation and its model card

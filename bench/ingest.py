@@ -128,15 +128,22 @@ def start_orthanc(work: Path) -> tuple[Receiver, LocalOrthanc]:
                      lambda: [orthanc._proc.pid] if orthanc._proc else []), orthanc)
 
 
-def start_node(work: Path, orthanc: LocalOrthanc, name: str = "node") -> Receiver:
+def start_node(work: Path, orthanc: LocalOrthanc, name: str = "node",
+               processes: int | None = None) -> Receiver:
     # Completion far in the future: this measures receiving, not processing.
-    config = write_node_config(work / f"{name}-conf", assembly__study_quiet_seconds=3600)
+    extra = {"dicom__receiver_processes": processes} if processes else {}
+    config = write_node_config(work / f"{name}-conf", assembly__study_quiet_seconds=3600,
+                               **extra)
     node = NodeProcess(work / name, orthanc, config=config).start()
     state = {"node": node}
 
     def reset() -> None:
         state["node"].stop()
-        shutil.rmtree(work / name)
+        for _ in range(10):  # the receiving processes may still be closing the database
+            shutil.rmtree(work / name, ignore_errors=True)
+            if not (work / name).exists():
+                break
+            time.sleep(0.5)
         fresh = NodeProcess(work / name, orthanc, config=config,
                             dicom_port=state["node"].dicom_port).start()
         state["node"] = fresh
@@ -144,7 +151,8 @@ def start_node(work: Path, orthanc: LocalOrthanc, name: str = "node") -> Receive
     def pids() -> list[int]:
         return _process_tree(state["node"].pid)
 
-    return Receiver("triage-node", node.dicom_port, "TRIAGE", reset,
+    label = f"triage-node/{processes}p" if processes else "triage-node"
+    return Receiver(label, node.dicom_port, "TRIAGE", reset,
                     lambda: state["node"].stop(), pids)
 
 
@@ -182,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--only", choices=["storescp", "orthanc", "triage-node"], nargs="*")
     parser.add_argument("--memory-instances", type=int, default=2000)
+    parser.add_argument("--receiver-processes", type=int, nargs="*", default=[],
+                        help="also run triage-node with these dicom.receiver_processes")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
@@ -197,29 +207,31 @@ def main(argv: list[str] | None = None) -> int:
             orthanc_receiver, orthanc = start_orthanc(work)
             receivers.append(orthanc_receiver)
             receivers.append(start_node(work, orthanc))
+            for n in args.receiver_processes:
+                receivers.append(start_node(work, orthanc, f"node-{n}p", processes=n))
             results: dict[tuple[str, int], float] = {}
             for receiver in receivers:
-                if args.only and receiver.name not in args.only:
+                if args.only and receiver.name.split("/")[0] not in args.only:
                     continue
                 for label, folders in ((1, one), (4, four)):
                     receiver.reset()
                     elapsed = send(folders, receiver.port, receiver.called_aet)
                     results[(receiver.name, label)] = elapsed
-                    print(f"  {receiver.name:<12} {label} assoc: {elapsed:6.2f} s  "
+                    print(f"  {receiver.name:<15} {label} assoc: {elapsed:6.2f} s  "
                           f"{args.instances / elapsed:7.1f} inst/s", flush=True)
             print(f"\n{args.instances} instances, {megabytes:.0f} MB, storescu → receiver, "
                   f"loopback, {os.cpu_count()} cores")
-            print(f"{'receiver':<12} {'assoc':>5} {'inst/s':>8} {'MB/s':>7} "
+            print(f"{'receiver':<15} {'assoc':>5} {'inst/s':>8} {'MB/s':>7} "
                   f"{'× orthanc':>10} {'× storescp':>11}")
             for (name, label), elapsed in results.items():
                 rate = args.instances / elapsed
                 ratio_o = results.get(("orthanc", label))
                 ratio_s = results.get(("storescp", label))
-                print(f"{name:<12} {label:>5} {rate:8.1f} {megabytes / elapsed:7.1f} "
+                print(f"{name:<15} {label:>5} {rate:8.1f} {megabytes / elapsed:7.1f} "
                       f"{(ratio_o / elapsed) if ratio_o else float('nan'):10.2f} "
                       f"{(ratio_s / elapsed) if ratio_s else float('nan'):11.2f}")
             if args.memory_instances and (not args.only or "triage-node" in args.only):
-                node = receivers[-1]
+                node = receivers[2]
                 node.reset()
                 studies = max(1, args.memory_instances // args.instances)
                 folders = []

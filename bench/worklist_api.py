@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -53,10 +54,11 @@ def fill(node: Node, items: int, seed: int = 0) -> None:
                 " last_received, completed_at) VALUES (?,?,?,'{}',?,?,?)",
                 (uid, key, status, arrived, arrived + 5, arrived + 35))
             if isinstance(kind, Urgency):
-                findings = ([{"detector": "ct-head-hemorrhage", "label": "hemorrhage",
-                              "score": round(rng.uniform(0.5, 1), 4),
-                              "volume_ml": round(rng.uniform(0.3, 80), 2)}]
-                            if kind in (Urgency.CRITICAL, Urgency.URGENT) else [])
+                findings: list[dict[str, Any]] = []
+                if kind in (Urgency.CRITICAL, Urgency.URGENT):
+                    findings.append({"detector": "ct-head-hemorrhage", "label": "hemorrhage",
+                                     "score": round(rng.uniform(0.5, 1), 4),
+                                     "volume_ml": round(rng.uniform(0.3, 80), 2)})
                 score = max((f["score"] for f in findings), default=None)
                 delivered = rng.random() < 0.9
                 conn.execute(
@@ -109,13 +111,13 @@ def main() -> None:
         thread.start()
         while not server.started:
             time.sleep(0.02)
-        queries = {
+        queries: dict[str, dict[str, Any]] = {
             "first page (limit 50)": {"limit": 50},
             "tier=critical&tier=urgent": {"tier": ["critical", "urgent"], "limit": 50},
             "deep page (offset 9000)": {"limit": 50, "offset": 9000},
             "status=pending": {"status": "pending", "limit": 50},
             "claimed=true": {"claimed": "true", "limit": 50},
-            "limit 500 (CLI default)": {"limit": 500},
+            "limit 500 (API default)": {"limit": 500},
         }
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}",

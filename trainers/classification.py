@@ -113,6 +113,16 @@ def evaluation_cases(recipe: ClassifierRecipe, seed: int) -> list[RadiographCase
     return cases
 
 
+def map_target(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Fraction of each class-map cell covered by the pneumothorax (area average)."""
+    h, w = shape
+    rows = mask.shape[0] // h * h
+    cols = mask.shape[1] // w * w
+    cells = mask[:rows, :cols].reshape(h, rows // h, w, cols // w)
+    out: np.ndarray = cells.mean(axis=(1, 3), dtype=np.float32)
+    return out
+
+
 def preprocess_image(recipe: ClassifierRecipe, image: np.ndarray) -> np.ndarray:
     """A [y, x] image through the manifest preprocessing: the network input [y', x']."""
     out = apply_preprocessing(build_preprocessing(recipe.preprocessing), image[None])
@@ -126,6 +136,7 @@ class RadiographCache:
     directory: Path
     count: int
     shape: tuple[int, int]
+    map_shape: tuple[int, int] = (16, 16)
 
     @property
     def _meta_path(self) -> Path:
@@ -150,13 +161,21 @@ class RadiographCache:
             dtype=np.float16,
             shape=(self.count, *self.shape),
         )
+        targets = np.lib.format.open_memmap(
+            self.directory / "map_targets.npy",
+            mode="r+" if start else "w+",
+            dtype=np.float16,
+            shape=(self.count, *self.map_shape),
+        )
         began = time.perf_counter()
         spent = self.build_seconds()
         with self._meta_path.open("a") as meta_file:
             for i in range(start, self.count):
                 image, mask, info = cases[i].generate()
                 images[i] = preprocess_image(recipe, image).astype(np.float16)
+                targets[i] = map_target(mask, self.map_shape).astype(np.float16)
                 images.flush()
+                targets.flush()
                 meta = {**asdict(cases[i]), "label": int(mask.any()), **info}
                 meta_file.write(json.dumps(meta) + "\n")
                 meta_file.flush()
@@ -164,13 +183,17 @@ class RadiographCache:
                     f"{spent + time.perf_counter() - began:.1f}\n"
                 )
                 yield i
-        del images
+        del images, targets
 
     def load(self) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
         images = np.load(self.directory / "images.npy")
         meta = [json.loads(line) for line in self._meta_path.read_text().splitlines() if line]
         labels = np.array([m["label"] for m in meta], dtype=np.float32)
         return images, labels, meta
+
+    def load_map_targets(self) -> np.ndarray:
+        """Pneumothorax occupancy of each class-map cell, ``[N, h, w]`` in [0, 1]."""
+        return np.load(self.directory / "map_targets.npy").astype(np.float32)
 
 
 def build_caches(
@@ -179,9 +202,12 @@ def build_caches(
     """Generate (or finish) the training and validation caches."""
     fp = recipe.data_fingerprint()
     shape = recipe.input_shape[1:]
+    grid = (shape[0] // recipe.network.divisor, shape[1] // recipe.network.divisor)
     caches = (
-        RadiographCache(run_dir / "cache" / f"train-{fp}", recipe.training.train_cases, shape),
-        RadiographCache(run_dir / "cache" / f"val-{fp}", recipe.training.val_cases, shape),
+        RadiographCache(
+            run_dir / "cache" / f"train-{fp}", recipe.training.train_cases, shape, grid
+        ),
+        RadiographCache(run_dir / "cache" / f"val-{fp}", recipe.training.val_cases, shape, grid),
     )
     with _progress(console) as progress:
         for split, cache in zip(("train", "val"), caches, strict=True):
@@ -306,6 +332,7 @@ def train_classifier(
         checkpoint_path.unlink()
     train_cache, val_cache = build_caches(recipe, seed, run_dir, console)
     images, labels, _ = train_cache.load()
+    map_targets = train_cache.load_map_targets()
     val_images, val_labels, _ = val_cache.load()
     data_seconds = train_cache.build_seconds() + val_cache.build_seconds()
     console.log(
@@ -331,6 +358,7 @@ def train_classifier(
         optimizer, max_lr=spec.learning_rate, total_steps=epochs * steps_per_epoch, pct_start=0.1
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    map_loss_fn = torch.nn.BCEWithLogitsLoss()
     state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "history": []}
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -360,13 +388,22 @@ def train_classifier(
             for b in range(steps_per_epoch):
                 batch = order[b * spec.batch_size : (b + 1) * spec.batch_size]
                 x = images[batch].astype(np.float32)
+                t = map_targets[batch]
                 flips = rng.random(len(batch)) < spec.flip_probability
                 x[flips] = x[flips, :, ::-1]  # a pneumothorax occurs on either side
+                t[flips] = t[flips, :, ::-1]
                 xt = torch.from_numpy(np.ascontiguousarray(x))[:, None]
                 xt = xt.contiguous(memory_format=torch.channels_last)
                 y = torch.from_numpy(labels[batch])
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(CamClassifier.logit(model(xt)), y)
+                class_map = model(xt)
+                loss = loss_fn(CamClassifier.logit(class_map), y)
+                if spec.map_loss_weight > 0:
+                    # Where the pneumothorax is, per class-map cell: dense gradients that get
+                    # the encoder past the long plateau of image-level labels alone, and a
+                    # heatmap that points at the finding. The served logit is unchanged.
+                    target = torch.from_numpy(np.ascontiguousarray(t))[:, None]
+                    loss = loss + spec.map_loss_weight * map_loss_fn(class_map, target)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -536,7 +573,11 @@ def export_classifier(
             "cases, size uniform from small apical to large; skin-fold, scapula, bulla, "
             "wire and gastric-bubble decoys on positives and normals alike"
         ),
-        "loss": "BCEWithLogitsLoss on the pooled logit; horizontal flips",
+        "loss": (
+            "BCEWithLogitsLoss on the pooled logit + "
+            f"{spec.map_loss_weight:g} × BCEWithLogitsLoss of the class-logit map against the "
+            "pneumothorax occupancy of each map cell; horizontal flips"
+        ),
         "optimizer": f"AdamW lr {spec.learning_rate} wd {spec.weight_decay} + OneCycleLR",
         "network": {
             "class": "trainers.recipes.CamClassifier",

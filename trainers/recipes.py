@@ -313,6 +313,9 @@ class ClassifierTrainingSpec:
     learning_rate: float
     weight_decay: float
     flip_probability: float = 0.5
+    map_loss_weight: float = 1.0
+    """Weight of the auxiliary per-cell loss on the class-logit map (pneumothorax occupancy
+    of each cell as the target); 0 trains on the image labels only."""
     target_sensitivity: float = 0.95
     """The operating threshold is the highest that keeps this sensitivity on validation."""
 
@@ -363,6 +366,7 @@ class ClassifierRecipe:
             "input_shape": self.input_shape,
             "preprocessing": [s.model_dump() for s in self.preprocessing],
             "cases": (t.train_cases, t.val_cases, t.positive_fraction),
+            "map_grid": self.network.divisor,
             "phantom_version": CXR_PHANTOM_VERSION,
         }
         text = json.dumps(payload, sort_keys=True, default=str)

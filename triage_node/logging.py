@@ -29,6 +29,8 @@ ALLOWED_KEYS: frozenset[str] = frozenset(
         "duration_s", "timings_s", "quiet_s", "count", "port", "host", "url", "ae_title",
         "calling_ae", "called_ae", "peer_host", "path", "config", "objects", "kind",
         "items", "threads", "providers", "dropped_keys", "tls",
+        # notifications and retention (issue 8)
+        "channel", "notification_id", "counts",
     }
 )
 """Keys a log event may carry. Values of these keys must never be patient data."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -20,6 +20,7 @@ from triage_node.detectors.segmentation import SegmentationDetector
 from triage_node.errors import InvalidDicomError
 from triage_node.imaging.volume import Volume
 from triage_node.logging import get_logger
+from triage_node.notify.queue import NotificationQueue
 from triage_node.pipeline.jobs import JobQueue
 from triage_node.pipeline.processor import DetectorRuntime, StudyProcessor
 from triage_node.pipeline.worker import Worker
@@ -27,6 +28,7 @@ from triage_node.receive.dicomweb import DicomWebSource
 from triage_node.receive.ingest import Ingestor, IngestStatus
 from triage_node.receive.pool import ReceiverPool
 from triage_node.results import AlgorithmInfo, DeviceInfo, encode_results
+from triage_node.retention import Retention
 from triage_node.routing.context import context_from_headers, study_context
 from triage_node.routing.explain import (
     DetectorSeriesSpec,
@@ -96,12 +98,14 @@ class Node:
         self.destinations: dict[str, Destination] = build_destinations(config)
         self.outbox = Outbox(self.db, self.results_root, self.destinations, config.delivery,
                              self.worklist)
+        self.notifications = NotificationQueue.for_node(self.db, config)
+        self.retention = Retention(self.db, self.spool, self.results_root, config.retention)
         self.processor = StudyProcessor(
             db=self.db, spool=self.spool, results_root=self.results_root,
             router=lambda: self.rules.router, detectors=self.detectors,
             selections=self.selections, encode=ResultWriter(config.node_id),
             outbox=self.outbox, default_destinations=list(config.default_destinations),
-            worklist=self.worklist, jobs=self.jobs)
+            worklist=self.worklist, jobs=self.jobs, notifications=self.notifications)
         self.assembler = StudyAssembler(self.db, config.assembly, self.jobs, self._priority_of)
         self.ingestor = Ingestor(self.spool, self.index,
                                  min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024,
@@ -128,6 +132,17 @@ class Node:
             self.outbox.deliver_due, "interval", id="outbox-delivery",
             seconds=self.config.delivery.poll_interval_seconds,
             max_instances=1, coalesce=True, misfire_grace_time=None)
+        if self.notifications.enabled:
+            self.scheduler.add_job(
+                self.notifications.send_due, "interval", id="notifications",
+                seconds=self.config.notifications.poll_interval_seconds,
+                max_instances=1, coalesce=True, misfire_grace_time=None)
+        if self.retention.enabled:
+            self.scheduler.add_job(
+                self.retention.run, "interval", id="retention",
+                minutes=self.config.retention.interval_minutes,
+                next_run_time=datetime.now(UTC) + timedelta(seconds=60),
+                max_instances=1, coalesce=True, misfire_grace_time=None)
         if self.config.rules_watch_seconds > 0:
             self.scheduler.add_job(
                 self.rules.check_for_change, "interval", id="rules-watch",
@@ -150,6 +165,7 @@ class Node:
             close = getattr(destination, "close", None)
             if close is not None:
                 close()
+        self.notifications.close()
         self.db.close()
         mark_clean_stop(self.config.data_dir)
         log.info("node stopped", stage="node")

@@ -49,7 +49,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     node = Node(config)
     app = create_app(node)
     server = uvicorn.Server(uvicorn.Config(
-        app, host=config.api.host, port=config.api.port, log_config=None, access_log=False))
+        app, host=config.api.host, port=config.api.port, log_config=None, access_log=False,
+        # open /api/events streams never end by themselves: bound the wait at shutdown
+        timeout_graceful_shutdown=5))
     # SIGHUP re-reads the rules (an invalid file is logged and the old rules stay).
     signal.signal(signal.SIGHUP, lambda *_: node.rules.reload())
     node.start()
@@ -71,7 +73,7 @@ def _cmd_worklist(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from triage_node.state.db import Database
-    from triage_node.worklist.store import WorklistStore
+    from triage_node.worklist.store import WorklistStore, summarize
 
     config = _load_config(args)
     db_path = config.data_dir / "state.sqlite3"
@@ -79,26 +81,32 @@ def _cmd_worklist(args: argparse.Namespace) -> int:
         print(f"triage-node: no state database at {db_path} (has the node run?)",
               file=sys.stderr)
         return 2
-    items = WorklistStore(Database(db_path)).items(limit=args.limit)
+    store = WorklistStore(Database(db_path), order=config.worklist.order)
+    try:
+        page = store.page(tiers=args.tier or [], statuses=args.status or [], limit=args.limit)
+    except ValueError as exc:
+        print(f"triage-node: {exc}", file=sys.stderr)
+        return 2
+    items = page.items
     if args.json:
         print(json.dumps([i.to_dict() for i in items], indent=2))
         return 0
     colours = {"critical": "bold red", "urgent": "dark_orange", "routine": "yellow",
                "negative": "green", "failed": "magenta", "not-applicable": "dim"}
-    table = Table(title=f"triage-node worklist ({len(items)} studies)")
-    for col in ("urgency", "study", "status", "findings", "arrived", "processed", "delivered",
-                "note"):
+    table = Table(title=f"triage-node worklist ({len(items)} of {page.total} studies)")
+    for col in ("tier", "study", "status", "score", "findings", "arrived", "delivered",
+                "claimed", "read", "note"):
         table.add_column(col)
     for item in items:
-        findings = ", ".join(
-            f"{f['label']} {f['volume_ml']:.1f} mL p={f['score']:.2f}"
-            if f.get("volume_ml") is not None else f"{f['label']} p={f['score']:.2f}"
-            for f in item.findings) or "-"
+        tier = item.tier or "pending"
         table.add_row(
-            f"[{colours.get(str(item.urgency), '')}]{item.urgency}[/]",
+            f"[{colours.get(tier, 'italic')}]{tier}[/]",
             item.study_instance_uid if args.show_uids else item.study_key,
-            item.status, findings, _fmt_time(item.arrived_at), _fmt_time(item.processed_at),
-            _fmt_time(item.delivered_at), item.reason or "")
+            item.status, "-" if item.score is None else f"{item.score:.2f}",
+            summarize(item.findings) or "-", _fmt_time(item.arrived_at),
+            _fmt_time(item.delivered_at), item.claimed_by or "-",
+            f"{item.read_by} {_fmt_time(item.read_at)}" if item.read_by else "-",
+            item.reason or "")
     Console(width=args.width).print(table)
     return 0
 
@@ -392,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(wl)
     wl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     wl.add_argument("--limit", type=int, default=200)
+    wl.add_argument("--tier", action="append", metavar="TIER",
+                    help="only this tier (repeatable): critical, urgent, routine, negative, "
+                         "failed, not-applicable")
+    wl.add_argument("--status", action="append", metavar="STATUS",
+                    help="only this status (repeatable): pending, receiving, queued, "
+                         "processing, processed, delivered, not-applicable, failed")
     wl.add_argument("--show-uids", action="store_true",
                     help="show Study Instance UIDs instead of opaque study keys")
     wl.add_argument("--width", type=int, default=None, help="table width in characters")

@@ -279,6 +279,140 @@ class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+NotifyTier = Literal["critical", "urgent", "routine", "negative", "failed", "not-applicable"]
+
+
+def _default_notify_tiers() -> list[NotifyTier]:
+    return ["critical"]
+
+
+class WebhookConfig(_Strict):
+    """An HTTP endpoint that receives one JSON ``POST`` per notified study (issue 8).
+
+    The body is rendered from ``template`` (Jinja2, sandboxed) and must be JSON; a 2xx answer
+    acknowledges it. See docs/operations.md, Notifications.
+    """
+
+    url: str | None = None
+    url_env: str | None = None
+    """Environment variable holding the URL instead (chat webhooks carry a secret in it)."""
+    token_env: str | None = None
+    """Environment variable holding a bearer token sent as ``Authorization``."""
+    tiers: list[NotifyTier] = Field(default_factory=_default_notify_tiers)
+    """Worklist tiers that notify through this channel."""
+    template: str | None = None
+    """Jinja2 template of the JSON body; default: ``triage_node.notify.template``."""
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_url(self) -> WebhookConfig:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give url or url_env (exactly one)")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        return self
+
+
+class EmailConfig(_Strict):
+    """E-mail through an SMTP server (``smtplib``); credentials from the environment."""
+
+    host: str
+    port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = True
+    """Upgrade the connection with STARTTLS (RFC 3207) before authenticating and sending."""
+    ca_file: Path | None = None
+    """CA certificate(s) that signed the SMTP server's certificate; the system store if omitted."""
+    username_env: str | None = None
+    password_env: str | None = None
+    sender: str = Field(min_length=3)
+    """The ``From`` address."""
+    to: list[str] = Field(min_length=1)
+    tiers: list[NotifyTier] = Field(default_factory=_default_notify_tiers)
+    subject_template: str | None = None
+    body_template: str | None = None
+    """Jinja2 templates (plain text); defaults in ``triage_node.notify.template``."""
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.absolute() if value is not None else None
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EmailConfig:
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("SMTP authentication needs both username_env and password_env")
+        return self
+
+
+class NotificationsConfig(_Strict):
+    """Webhook and e-mail notifications of flagged studies (triage_node/notify)."""
+
+    webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)
+    emails: dict[str, EmailConfig] = Field(default_factory=dict)
+    include_patient_data: bool = False
+    """Only when true may templates use ``patient_name``, ``patient_id``,
+    ``accession_number`` and ``study_instance_uid``; otherwise no patient data or UID is ever
+    put in a notification."""
+    console_url: str | None = None
+    """The node's web console as readers reach it; default ``http://{api.host}:{api.port}``."""
+    viewer_url: str | None = None
+    """Orthanc as readers reach it, for the viewer link; default ``orthanc.url`` when a
+    destination of kind ``orthanc`` is configured, else no viewer link."""
+    max_attempts: int = Field(default=10, ge=1)
+    """Tries before a notification that keeps failing becomes ``dead``."""
+    retry_initial_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _channels(self) -> NotificationsConfig:
+        # Imported here: the notify package imports this module.
+        from triage_node.notify.template import check_templates
+
+        both = sorted(set(self.webhooks) & set(self.emails))
+        if both:
+            raise ValueError(f"channel name(s) {', '.join(both)} used by a webhook and an e-mail")
+        for url in (self.console_url, self.viewer_url):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        check_templates(self)
+        return self
+
+
+class RetentionConfig(_Strict):
+    """How long the node keeps what it no longer needs (triage_node/retention.py); 0 = forever.
+
+    Nothing is removed from a study still receiving or processing, with results not yet
+    delivered (pending or dead outbox entries) or with notifications not yet sent; ages count
+    from the study's last activity (last instance, processing, delivery, notification).
+    """
+
+    spool_days: float = Field(default=7.0, ge=0)
+    """Received instances (spool files and their index rows) of settled studies."""
+    results_days: float = Field(default=30.0, ge=0)
+    """Result files (SEG/SR/KOS) of settled studies, once delivered."""
+    state_days: float = Field(default=90.0, ge=0)
+    """Everything else about a settled study: worklist item, jobs, outbox, notifications."""
+    quarantine_days: float = Field(default=30.0, ge=0)
+    """Quarantined instances, counted from their receipt."""
+    interval_minutes: float = Field(default=60.0, gt=0)
+    """How often the clean-up runs."""
+
+    @model_validator(mode="after")
+    def _state_last(self) -> RetentionConfig:
+        # The spool and results of a study whose state is gone could never be cleaned (nor
+        # explained): a crash recovery would even re-index spool files the state forgot.
+        if self.state_days > 0:
+            for key in ("spool_days", "results_days"):
+                days = getattr(self, key)
+                if days == 0 or days > self.state_days:
+                    raise ValueError(f"{key} must be between 0 (exclusive) and state_days "
+                                     f"({self.state_days:g}) when state_days is set; got "
+                                     f"{days:g}")
+        return self
+
+
 class NodeConfig(_Strict):
     """The whole node configuration (``conf/node.yaml``)."""
 
@@ -294,6 +428,8 @@ class NodeConfig(_Strict):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=lambda: {"orthanc": DestinationConfig(kind="orthanc")})
     """Destinations by name; ``kind: orthanc`` uses the ``orthanc`` section's connection."""

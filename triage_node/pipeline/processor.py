@@ -27,6 +27,7 @@ from triage_node.imaging.loader import load_series
 from triage_node.imaging.volume import Volume
 from triage_node.logging import get_logger
 from triage_node.metrics import observe_study
+from triage_node.notify.queue import NotificationQueue
 from triage_node.pipeline.jobs import Job, JobQueue
 from triage_node.routing.context import study_context
 from triage_node.routing.rules import Decision, Router
@@ -69,7 +70,8 @@ class StudyProcessor:
                  router: Callable[[], Router], detectors: dict[str, DetectorRuntime],
                  selections: dict[str, SeriesSelection], encode: ResultEncoder,
                  outbox: Outbox, default_destinations: list[str],
-                 worklist: WorklistStore, jobs: JobQueue) -> None:
+                 worklist: WorklistStore, jobs: JobQueue,
+                 notifications: NotificationQueue | None = None) -> None:
         self.db = db
         self.spool = spool
         self.results_root = results_root
@@ -81,6 +83,7 @@ class StudyProcessor:
         self.default_destinations = default_destinations
         self.worklist = worklist
         self.jobs = jobs
+        self.notifications = notifications
 
     def _instance_paths(self, series_uid: str) -> list[Path]:
         rows = self.db.query("SELECT path FROM instances WHERE series_uid=?", (series_uid,))
@@ -195,6 +198,13 @@ class StudyProcessor:
                 detectors=outcome.detectors, findings=outcome.findings,
                 arrived_at=study["first_received"], last_received=study["last_received"],
                 completed_at=study["completed_at"], timings_s=outcome.timings_s)
+            if self.notifications is not None:
+                # Queued with the result, so a crash can neither lose it nor send it alone.
+                self.notifications.enqueue(
+                    conn, study_uid=job.study_uid, study_key=job.study_key,
+                    urgency=outcome.urgency, detectors=outcome.detectors,
+                    findings=outcome.findings,
+                    rule=decision.rule if decision is not None else None)
             self.jobs.finish(conn, job, error=error)
             # A late instance may have reopened the study meanwhile: then leave it receiving.
             conn.execute(

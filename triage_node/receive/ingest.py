@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -63,7 +62,6 @@ class Ingestor:
         self.limits = limits
         """What the receiver accepts (``limits`` in node.yaml); None: the defaults."""
         self._lock = threading.Lock()
-        self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-flush")
         self.counters = {s.value: 0 for s in IngestStatus}
 
     def _count(self, outcome: IngestOutcome) -> IngestOutcome:
@@ -102,40 +100,32 @@ class Ingestor:
     def ingest_incoming(self, incoming: IncomingFile, source: Source) -> IngestOutcome:
         """Ingest an instance streamed to the spool's incoming folder (C-STORE).
 
-        The file is made durable first, then parsed, then renamed into its study folder (or
-        quarantine) and recorded; only then may the caller answer Success. On a refusal the
-        file is removed: the sender keeps responsibility for it.
+        The file is parsed, renamed into its study folder (or quarantine), made durable and
+        recorded; only then may the caller answer Success. On a refusal the file is removed:
+        the sender keeps responsibility for it.
         """
-        # The flush to disk (which waits on the device, without the GIL) overlaps the header
-        # parse (which needs the CPU): both must be done before the rename and the answer.
-        sealing = self._flusher.submit(incoming.seal)
         try:
+            # Still in the page cache: reading it back costs a memory copy, not a disk read.
             data = incoming.path.read_bytes()
-            header: InstanceHeader | None = read_header(data, self.limits)
-            problem: InvalidDicomError | None = None
-        except InvalidDicomError as exc:
-            header, problem = None, exc
-        except OSError as exc:
-            header, problem = None, InvalidDicomError(f"cannot read back: {exc.strerror}")
-        try:
-            sha256 = sealing.result()
         except OSError as exc:
             incoming.discard()
             return self._write_failed(exc)
         try:
-            if problem is not None:
-                raise problem
-            assert header is not None
+            header = read_header(data, self.limits)
         except UnusableDicomError as exc:
-            self.spool.quarantine_incoming(incoming, sha256, str(exc),
-                                           {"calling_ae": source.calling_ae})
+            try:
+                self.spool.quarantine_incoming(incoming, str(exc),
+                                               {"calling_ae": source.calling_ae})
+            except OSError as write_error:
+                incoming.discard()
+                return self._write_failed(write_error)
             return self._quarantined(exc, source)
         except InvalidDicomError as exc:
             incoming.discard()
             return self._unreadable(exc, source)
         study_key = self.index.keys.study_key(header.study_uid)
         try:
-            spooled = self.spool.adopt(incoming, sha256, study_key, header.sop_instance_uid)
+            spooled = self.spool.adopt(incoming, study_key, header.sop_instance_uid)
         except OSError as exc:
             incoming.discard()
             return self._write_failed(exc)

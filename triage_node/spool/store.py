@@ -79,6 +79,10 @@ class IncomingFile:
             written = os.write(self._fd, view)
             view = view[written:]
 
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
     def seal(self) -> str:
         """Flush the bytes to disk and close; returns the content's sha256."""
         assert self._fd is not None, "sealed twice"
@@ -88,6 +92,11 @@ class IncomingFile:
             os.close(self._fd)
             self._fd = None
         return self._hash.hexdigest()
+
+    def move(self, path: Path) -> None:
+        """Rename the (open) file; the caller seals it and fsyncs the folders after."""
+        os.replace(self.path, path)
+        self.path = path
 
     def discard(self) -> None:
         if self._fd is not None:
@@ -133,31 +142,42 @@ class Spool:
         name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
         return f"studies/{study_key}/{name_hash}-{content_hash[:16]}.dcm"
 
-    def adopt(self, incoming: IncomingFile, sha256: str, study_key: str,
+    def adopt(self, incoming: IncomingFile, study_key: str,
               sop_instance_uid: str) -> SpooledFile:
-        """Move a sealed incoming file into its study folder (rename, then fsync the folder)."""
+        """Move a fully received file into its study folder and make it durable.
+
+        The rename comes first and the flush after: on ext4 (and any journalling file system
+        that orders data before metadata) the one ``fdatasync`` then commits the data, the
+        new name and the folder entry together, and the folder fsyncs that follow find
+        nothing left to write — one journal commit per instance instead of two. A crash
+        before the flush leaves a complete file that was never acknowledged, which recovery
+        indexes harmlessly (the sender re-sends it; the copy is recognised).
+        """
+        sha256 = incoming.sha256
         relative = self._relative(study_key, sop_instance_uid, sha256)
         path = self.root / relative
         if path.exists() and path.stat().st_size == incoming.size:
-            incoming.path.unlink(missing_ok=True)
+            incoming.discard()
             return SpooledFile(relative, sha256, incoming.size, already_present=True)
         folder = path.parent
         new_folder = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        os.replace(incoming.path, path)
+        incoming.move(path)
+        incoming.seal()
         _fsync_dir(folder)
         if new_folder:
             _fsync_dir(folder.parent)
         return SpooledFile(relative, sha256, incoming.size, already_present=False)
 
-    def quarantine_incoming(self, incoming: IncomingFile, sha256: str, reason: str,
+    def quarantine_incoming(self, incoming: IncomingFile, reason: str,
                             details: dict[str, str]) -> Path:
-        """Move a sealed incoming file to quarantine with a reason file beside it."""
+        """Move a fully received file to quarantine, durably, with a reason file beside it."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        path = self.root / "quarantine" / f"{stamp}-{sha256[:16]}.dcm"
+        path = self.root / "quarantine" / f"{stamp}-{incoming.sha256[:16]}.dcm"
         record = {"reason": reason, "received_at": time.time(), **details}
         write_durably(path.with_suffix(".reason.json"), json.dumps(record, indent=2).encode())
-        os.replace(incoming.path, path)
+        incoming.move(path)
+        incoming.seal()
         _fsync_dir(path.parent)
         return path
 

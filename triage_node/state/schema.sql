@@ -157,3 +157,29 @@ BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
 
 -- Throughput and error figures of /api/system and /metrics read finished jobs by time.
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
+-- The worklist's default order (tier, score highest first, arrival), so a page is read in
+-- index order without sorting every item.
+CREATE INDEX IF NOT EXISTS worklist_page
+    ON worklist(urgency_rank, score IS NULL, score DESC, arrived_at, study_key);
+
+-- Notifications of flagged studies (issue 8, triage_node/notify): queued in the transaction
+-- that records the result, one row per study, channel and tier, so a re-run with the same tier
+-- never notifies twice. context_json holds the template variables without patient data.
+CREATE TABLE IF NOT EXISTS notifications (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid       TEXT NOT NULL,
+    study_key       TEXT NOT NULL,
+    channel         TEXT NOT NULL,           -- a name under notifications.webhooks / .emails
+    kind            TEXT NOT NULL,           -- webhook | email
+    tier            TEXT NOT NULL,
+    context_json    TEXT NOT NULL,
+    status          TEXT NOT NULL,           -- pending | sent | dead
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,           -- due time; for dead: when it was given up
+    last_error      TEXT,
+    created_at      REAL NOT NULL,
+    sent_at         REAL,
+    UNIQUE (study_uid, channel, tier)
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications(status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS notifications_study ON notifications(study_uid);

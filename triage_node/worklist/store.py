@@ -196,6 +196,64 @@ FROM studies s WHERE s.status IN ('receiving', 'complete', 'processing', 'failed
 # second part only needs the studies that have not reached it.
 
 
+# A page is chosen in two parts, each already in worklist order, merged in Python: the
+# processed items (`worklist`, read in the order of the `worklist_page` index, so SQLite stops
+# after the page instead of sorting every item) and the studies not processed yet (few).
+# Only the page's rows are then read in full. Each part names its expressions for the filters.
+_PARTS: dict[str, dict[str, str]] = {
+    "processed": {
+        "from": "worklist w",
+        "s": " LEFT JOIN studies s ON s.study_uid = w.study_uid",
+        "c": " LEFT JOIN worklist_claims c ON c.study_uid = w.study_uid",
+        "where": "1",
+        "uid": "w.study_uid", "key": "w.study_key", "tier": "w.urgency",
+        "tier_rank": "w.urgency_rank", "score": "w.score", "arrived_at": "w.arrived_at",
+        "status": "CASE s.status WHEN 'receiving' THEN 'receiving' WHEN 'complete' THEN 'queued'"
+                  " WHEN 'processing' THEN 'processing' ELSE w.status END",
+    },
+    "pending": {
+        "from": "studies s",
+        "s": "",
+        "c": " LEFT JOIN worklist_claims c ON c.study_uid = s.study_uid",
+        "where": "s.status IN ('receiving', 'complete', 'processing', 'failed') AND NOT EXISTS"
+                 " (SELECT 1 FROM worklist w WHERE w.study_uid = s.study_uid)",
+        "uid": "s.study_uid", "key": "s.study_key",
+        "tier": "CASE WHEN s.status = 'failed' THEN 'failed' END",
+        "tier_rank": f"CASE WHEN s.status = 'failed' THEN 4 ELSE {_PENDING_RANK} END",
+        "score": "NULL", "arrived_at": "s.first_received",
+        "status": "CASE s.status WHEN 'complete' THEN 'queued' ELSE s.status END",
+    },
+}
+_ORDER_TERMS: dict[str, list[str]] = {
+    "tier": ["{tier_rank} ASC"], "score": ["{score} IS NULL", "{score} DESC"],
+    "arrival": ["{arrived_at} ASC"],
+}
+
+
+_LIVE = {"receiving": "receiving", "queued": "complete", "processing": "processing"}
+
+
+def _status_condition(part: str, wanted: Sequence[str]) -> str:
+    """SQL for "the item's status is one of ``wanted``" in one part, written so that SQLite
+    can use the studies' status index (no CASE over every row). The values are the module's
+    own constants (checked against STATUSES), never the caller's text."""
+    live = sorted({_LIVE[s] for s in wanted if s in _LIVE})
+    done = sorted({s for s in wanted if s not in _LIVE})
+
+    def listed(values: Sequence[str]) -> str:
+        return ",".join(f"'{v}'" for v in values) or "NULL"
+
+    if part == "pending":
+        return f"s.status IN ({listed(live + (['failed'] if 'failed' in done else []))})"
+    terms = []
+    if live:
+        terms.append(f"s.status IN ({listed(live)})")
+    if done:
+        terms.append("((s.status IS NULL OR s.status NOT IN ('receiving', 'complete',"
+                     f" 'processing')) AND w.status IN ({listed(done)}))")
+    return "(" + " OR ".join(terms) + ")"
+
+
 class WorklistStore:
     def __init__(self, db: Database, order: Sequence[str] = ("tier", "score", "arrival"),
                  events: WorklistEvents | None = None) -> None:
@@ -206,8 +264,8 @@ class WorklistStore:
         self.db = db
         self.order = list(order)
         # Ties are broken by arrival then study key, so paging is stable.
-        keys = [*self.order, *(["arrival"] if "arrival" not in self.order else [])]
-        self._order_sql = ", ".join([ORDER_KEYS[k] for k in keys] + ["study_key ASC"])
+        self._keys = [*self.order, *(["arrival"] if "arrival" not in self.order else [])]
+        self._order_sql = ", ".join([ORDER_KEYS[k] for k in self._keys] + ["study_key ASC"])
         self.events = events or WorklistEvents()
         self.events.snapshot = self._snapshot
 
@@ -273,8 +331,6 @@ class WorklistStore:
 
         ``statuses`` may name ``pending`` for receiving, queued and processing together.
         """
-        where: list[str] = []
-        params: list[object] = []
         bad = [t for t in tiers if t not in TIERS]
         if bad:
             raise ValueError(f"unknown tier {bad[0]!r}; tiers: {', '.join(TIERS)}")
@@ -284,24 +340,58 @@ class WorklistStore:
         if bad:
             raise ValueError(f"unknown status {bad[0]!r}; statuses: pending, "
                              f"{', '.join(STATUSES)}")
-        if tiers:
-            where.append(f"i.tier IN ({','.join('?' * len(tiers))})")
-            params.extend(tiers)
-        if wanted:
-            where.append(f"i.status IN ({','.join('?' * len(wanted))})")
-            params.extend(wanted)
+        common: list[str] = []
+        common_params: list[object] = []
         if claimed is not None:
-            where.append("c.claimed_by IS NOT NULL" if claimed else "c.claimed_by IS NULL")
+            common.append("c.claimed_by IS NOT NULL" if claimed else "c.claimed_by IS NULL")
         if claimed_by is not None:
-            where.append("c.claimed_by = ?")
-            params.append(claimed_by)
+            common.append("c.claimed_by = ?")
+            common_params.append(claimed_by)
         if read is not None:
-            where.append("c.read_at IS NOT NULL" if read else "c.read_at IS NULL")
-        count_sql = (f"SELECT COUNT(*) AS n FROM ({_ITEMS}) i"
-                     " LEFT JOIN worklist_claims c ON c.study_uid = i.study_uid"
-                     f"{' WHERE ' + ' AND '.join(where) if where else ''}")
-        total = int(self.db.query(count_sql, tuple(params))[0]["n"])
-        return WorklistPage(self._query(where, params, limit, offset), total)
+            common.append("c.read_at IS NOT NULL" if read else "c.read_at IS NULL")
+        total = 0
+        selects: list[str] = []
+        select_params: list[object] = []
+        for name, part in _PARTS.items():
+            where, params = [part["where"]], list[object]()
+            if tiers:
+                where.append(f"{part['tier']} IN ({','.join('?' * len(tiers))})")
+                params.extend(tiers)
+            if wanted:
+                where.append(_status_condition(name, wanted))
+            where += common
+            params += common_params
+            sql_where = " AND ".join(where)
+            # Join only what the filters read: a count over `worklist` alone is much cheaper.
+            source = part["from"] + "".join(part[alias] for alias in ("s", "c")
+                                            if f"{alias}." in sql_where)
+            if name == "processed" and wanted and all(st in _LIVE for st in wanted):
+                # Only studies being processed again: an inner join lets SQLite start from
+                # the studies' status index instead of reading every item.
+                source = source.replace("LEFT JOIN studies", "JOIN studies")
+            order = ", ".join([t.format(**part) for k in self._keys for t in _ORDER_TERMS[k]]
+                              + [f"{part['key']} ASC"])
+            total += int(self.db.query(f"SELECT COUNT(*) AS n FROM {source}"
+                                       f" WHERE {sql_where}", tuple(params))[0]["n"])
+            selects.append(
+                f"SELECT * FROM (SELECT {part['uid']} AS study_uid, {part['key']} AS study_key,"
+                f" {part['tier_rank']} AS tier_rank, {part['score']} AS score,"
+                f" {part['arrived_at']} AS arrived_at FROM {source} WHERE {sql_where}"
+                f" ORDER BY {order} LIMIT ?)")
+            select_params += [*params, offset + limit]
+        # Each part is in order and cut at offset + limit; SQLite merges the two.
+        merged = ", ".join([t.format(tier_rank="tier_rank", score="score",
+                                     arrived_at="arrived_at")
+                            for k in self._keys for t in _ORDER_TERMS[k]] + ["study_key ASC"])
+        rows = self.db.query(f"SELECT study_uid FROM ({' UNION ALL '.join(selects)})"
+                             f" ORDER BY {merged} LIMIT ? OFFSET ?",
+                             (*select_params, limit, offset))
+        uids = [str(r["study_uid"]) for r in rows]
+        if not uids:
+            return WorklistPage([], total)
+        found = {item.study_instance_uid: item for item in self._query(
+            [f"i.study_uid IN ({','.join('?' * len(uids))})"], list(uids), None, 0)}
+        return WorklistPage([found[u] for u in uids if u in found], total)
 
     def item(self, study_key: str) -> WorklistItem:
         """The item of one study; :class:`StudyNotFound` when the node does not know it."""
