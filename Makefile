@@ -59,6 +59,7 @@ integration: install
 	$(VENV)/bin/pytest tests/integration
 
 bench: install
+	$(PY) -m bench.ingest
 	$(PY) -m bench.time_to_flag
 	$(PY) -m bench.backlog
 	$(PY) -m bench.routing

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  head CT time to flag, behind backlog          {loaded:7.2f} s")
     print(f"  ratio                                         {ratio:7.2f}×   "
           f"(target ≤ {TARGET_RATIO}×: {'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+    worst = med_idle + max(durations)
+    print(f"  worst case, one worker (a chest job starts as the head CT completes): "
+          f"about {worst:.2f} s ({worst / med_idle:.2f}×)")
     print(f"  chest jobs finished before the head CT        {before} of {len(chests)}"
           f"   (statuses: {', '.join(sorted({i['status'] for i in items}))})")
     print(f"  chest job (load+infer+encode+write)    median {statistics.median(durations):7.2f} s")

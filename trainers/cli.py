@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from trainers.recipes import RECIPES, ClassifierRecipe, DetectorRecipe, get_recipe
+from trainers.recipes import RECIPES, ClassifierRecipe, DetectorRecipe, NoduleRecipe, get_recipe
 from triage_node.detectors.segmentation import DEFAULT_CRITICAL_VOLUME_ML
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if isinstance(recipe, ClassifierRecipe):
         return _classification(args, recipe, console)
+    if isinstance(recipe, NoduleRecipe):
+        from trainers.nodules import run_command
+
+        return run_command(args, recipe, console)
 
     if args.command == "train":
         from trainers.export import export_engine

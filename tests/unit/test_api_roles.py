@@ -186,7 +186,13 @@ def test_study_detail_has_timeline_and_orthanc_links(node: Node, client: TestCli
     assert client.get("/api/studies/nope", headers=DR_A).status_code == 404
 
 
-def test_orthanc_instance_id_format() -> None:
+def test_orthanc_instance_id_matches_orthanc() -> None:
+    # The id Debian's Orthanc 1.10 answered when CT_small.dcm was POSTed to /instances.
+    src = get_testdata_file("CT_small.dcm", download=False)
+    assert isinstance(src, str)
+    ds = pydicom.dcmread(src)
+    assert orthanc_instance_id(ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                               ds.SOPInstanceUID) == "f689ddd2-662f8fe1-8b18180d-ec2a2cee-937917af"
     oid = orthanc_instance_id("P", "1.2", "1.2.3", "1.2.3.4")
     groups = oid.split("-")
     assert len(groups) == 5 and all(len(g) == 8 for g in groups)

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydantic import ValidationError
 from pydicom.data import get_testdata_file
+from pydicom.uid import UID
 
 from triage_node.config.models import (
     DicomConfig,
@@ -59,8 +60,8 @@ def instance(study: str, series: int, number: int) -> bytes:
     ds = pydicom.dcmread(path)
     ds.StudyInstanceUID = f"{ROOT}.{study}"
     ds.SeriesInstanceUID = f"{ROOT}.{study}.{series}"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
-        f"{ROOT}.{study}.{series}.{number}")
+    ds.SOPInstanceUID = UID(f"{ROOT}.{study}.{series}.{number}")
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -237,8 +238,8 @@ def test_quarantine_and_zero_means_forever(tmp_path: Path) -> None:
 
 
 def test_state_cannot_outlive_nothing() -> None:
-    with pytest.raises(ValidationError, match="spool_days must be between 0 .exclusive. and "
-                                              "state_days"):
+    with pytest.raises(ValidationError, match=r"spool_days must be between 0 \(exclusive\) "
+                                              r"and state_days"):
         RetentionConfig(spool_days=100, state_days=90)
     with pytest.raises(ValidationError, match="results_days"):
         RetentionConfig(results_days=0, state_days=90)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -25,6 +26,7 @@ from triage_node.config.models import DestinationConfig
 from triage_node.deliver.outbox import OutboxEntry
 from triage_node.detectors.findings import Urgency
 from triage_node.node import Node
+from triage_node.spool.index import Source
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -127,6 +129,19 @@ def test_worklist_changes_stream_to_a_real_client(node: Node) -> None:
         assert _next(out, "feedback")["verdict"] == "agree"
         assert httpx.post(f"{url}/api/worklist/{key}/read", headers=AUTH).status_code == 200
         assert _next(out, "read")["item"]["read_by"] == "admin"
+        # the processor committing a study (received for real, no rule matches it)
+        src_bytes = Path(src).read_bytes()
+        outcome = node.ingestor.ingest(src_bytes, Source(calling_ae="PACS", called_ae="TRIAGE"))
+        assert outcome.in_spool
+        node.assembler.force_complete(pydicom.dcmread(src).StudyInstanceUID)
+        job = node.jobs.lease()
+        assert job is not None
+        node.processor.process(job)
+        processed = _next(out, "processed")
+        assert processed["study_key"] == job.study_key
+        assert processed["item"]["tier"] == "not-applicable"
+        assert processed["item"]["reason"] == "no rule matched"
+
         assert node.worklist.events.listeners == 1
         node.worklist.events.publish("stop-reading", None)
         reader.join(timeout=10)

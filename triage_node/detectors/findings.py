@@ -56,6 +56,9 @@ class Finding:
     centroid_mm: tuple[float, float, float] | None = None
     """Centre of mass in patient coordinates (LPS), mm."""
     measurements: dict[str, float] = field(default_factory=dict)
+    laterality: Code | None = None
+    """Side of a paired ``anatomic_region`` (TID 1500 Finding Site laterality modifier),
+    e.g. SCT 7771000 Left or 24028007 Right; None when the site is unpaired or not known."""
 
 
 @dataclass

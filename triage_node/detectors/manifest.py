@@ -138,6 +138,10 @@ class Manifest(_Strict):
     calibrated image probability at or above which the image is positive (classification)."""
     min_component_ml: float = Field(default=0.0, ge=0.0)
     """Connected components smaller than this are discarded as noise (segmentation)."""
+    postprocess: Literal["mask", "nodules"] = "mask"
+    """Segmentation postprocessing: ``mask`` reports one finding per label (all its
+    components together); ``nodules`` one finding per connected component, measured
+    (:class:`~triage_node.detectors.nodules.NoduleDetector`)."""
     engine: EngineFileSpec
     parity: ParitySpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)

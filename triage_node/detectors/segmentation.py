@@ -197,8 +197,7 @@ class SegmentationDetector:
         network_input = self._step("preprocess", timings, lambda: self._prepare(volume))
         output = self._step("infer", timings, lambda: self._infer(network_input))
         findings = self._step("postprocess", timings, lambda: self._findings(output, volume))
-        critical = any((f.volume_ml or 0.0) >= self.critical_volume_ml for f in findings)
-        urgency = Urgency.CRITICAL if critical else Urgency.NEGATIVE
+        urgency = self._urgency(findings)
         timings["total"] = sum(timings.values())
         log.info(
             "detector_run",
@@ -217,6 +216,11 @@ class SegmentationDetector:
             threshold=self.manifest.probability_threshold,
             timings_s=timings,
         )
+
+    def _urgency(self, findings: list[Finding]) -> Urgency:
+        """CRITICAL when a finding reaches ``critical_volume_ml``, else NEGATIVE."""
+        critical = any((f.volume_ml or 0.0) >= self.critical_volume_ml for f in findings)
+        return Urgency.CRITICAL if critical else Urgency.NEGATIVE
 
     def _step(self, step: str, timings: dict[str, float], fn: Callable[[], T]) -> T:
         start = time.perf_counter()

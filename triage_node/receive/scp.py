@@ -355,7 +355,7 @@ class _Association:
                 self.sock.settimeout(self.receiver.network_timeout)
                 self._serve()
         except _Closed:
-            if self.established:
+            if self.established and not self.receiver._stopping.is_set():
                 log.warning("association closed by peer without release", stage="receive",
                             calling_ae=self.calling_ae, peer_host=self.peer_host)
         except TimeoutError:

@@ -310,11 +310,11 @@ class WorklistStore:
     # --- reads ------------------------------------------------------------------------------
 
     def _query(self, where: list[str], params: list[object], limit: int | None,
-               offset: int) -> list[WorklistItem]:
+               offset: int, *, ordered: bool = True) -> list[WorklistItem]:
         sql = (f"SELECT i.*, c.claimed_by, c.claimed_at, c.read_by, c.read_at FROM ({_ITEMS}) i"
                " LEFT JOIN worklist_claims c ON c.study_uid = i.study_uid"
                f"{' WHERE ' + ' AND '.join(where) if where else ''}"
-               f" ORDER BY {self._order_sql}")
+               + (f" ORDER BY {self._order_sql}" if ordered else ""))
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params = [*params, limit, offset]
@@ -365,6 +365,9 @@ class WorklistStore:
             # Join only what the filters read: a count over `worklist` alone is much cheaper.
             source = part["from"] + "".join(part[alias] for alias in ("s", "c")
                                             if f"{alias}." in sql_where)
+            if claimed or claimed_by is not None or read:
+                # Only claimed or read items: start from the (small) claims table.
+                source = source.replace("LEFT JOIN worklist_claims", "JOIN worklist_claims")
             if name == "processed" and wanted and all(st in _LIVE for st in wanted):
                 # Only studies being processed again: an inner join lets SQLite start from
                 # the studies' status index instead of reading every item.
@@ -390,7 +393,8 @@ class WorklistStore:
         if not uids:
             return WorklistPage([], total)
         found = {item.study_instance_uid: item for item in self._query(
-            [f"i.study_uid IN ({','.join('?' * len(uids))})"], list(uids), None, 0)}
+            [f"i.study_uid IN ({','.join('?' * len(uids))})"], list(uids), None, 0,
+            ordered=False)}
         return WorklistPage([found[u] for u in uids if u in found], total)
 
     def item(self, study_key: str) -> WorklistItem:
