@@ -37,6 +37,7 @@ from triage_node.routing.explain import (
     headers_from_metadata,
 )
 from triage_node.routing.reloader import RulesHolder
+from triage_node.routing.rules import Priority
 from triage_node.routing.selection import SeriesSelection
 from triage_node.spool.index import InstanceIndex, Source
 from triage_node.spool.recovery import mark_clean_stop, recover
@@ -114,6 +115,9 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.workers = [Worker(f"worker-{i}", self.jobs, self.processor)
                         for i in range(config.workers)]
+        self.workers += [Worker(f"stat-worker-{i}", self.jobs, self.processor,
+                                max_priority=Priority.STAT.rank)
+                         for i in range(config.stat_workers)]
 
     def _priority_of(self, study_uid: str) -> int:
         return self.processor.route(study_uid).priority.rank

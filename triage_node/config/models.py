@@ -443,6 +443,9 @@ class NodeConfig(_Strict):
     """Folder of detector configs (``*.yaml``); relative to the folder of node.yaml."""
     workers: int = Field(default=1, ge=1, le=16)
     """Processing threads (they share the loaded engines); one suits a 2-core CPU node."""
+    stat_workers: int = Field(default=1, ge=0, le=4)
+    """Extra processing threads that only take ``stat`` jobs, so a stat study never waits for
+    a routine job that is already running (it shares the CPU with it meanwhile)."""
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> NodeConfig:

@@ -49,12 +49,22 @@ class JobQueue:
                 "UPDATE jobs SET status='queued', started_at=NULL WHERE status='running'"
             ).rowcount)
 
-    def lease(self) -> Job | None:
+    def lease(self, max_priority: int | None = None) -> Job | None:
+        """Take the most urgent queued job (lowest priority rank, then oldest).
+
+        ``max_priority`` limits the lease to jobs of that rank or more urgent (a worker
+        reserved for stat studies passes ``Priority.STAT.rank``).
+        """
+        limit = 1_000 if max_priority is None else max_priority
         with self.db.transaction() as conn:
             row = conn.execute(
                 "SELECT j.id, j.study_uid, j.generation, j.priority, s.study_key FROM jobs j"
                 " JOIN studies s ON s.study_uid = j.study_uid"
-                " WHERE j.status='queued' ORDER BY j.priority, j.created_at, j.id LIMIT 1"
+                " WHERE j.status='queued' AND j.priority <= ?"
+                # One job per study at a time: a newer generation waits for the older to end.
+                " AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.study_uid = j.study_uid"
+                " AND r.status = 'running')"
+                " ORDER BY j.priority, j.created_at, j.id LIMIT 1", (limit,)
             ).fetchone()
             if row is None:
                 return None

@@ -12,10 +12,14 @@ log = get_logger(__name__)
 
 
 class Worker(threading.Thread):
-    def __init__(self, name: str, jobs: JobQueue, processor: StudyProcessor) -> None:
+    """Processes jobs; with ``max_priority`` only jobs that urgent (a reserved stat lane)."""
+
+    def __init__(self, name: str, jobs: JobQueue, processor: StudyProcessor,
+                 max_priority: int | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.jobs = jobs
         self.processor = processor
+        self.max_priority = max_priority
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -24,7 +28,7 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            job = self.jobs.lease()
+            job = self.jobs.lease(self.max_priority)
             if job is None:
                 self.jobs.wait(timeout=0.5)
                 continue
