@@ -117,7 +117,8 @@ def main() -> None:
             "deep page (offset 9000)": {"limit": 50, "offset": 9000},
             "status=pending": {"status": "pending", "limit": 50},
             "claimed=true": {"claimed": "true", "limit": 50},
-            "limit 500 (API default)": {"limit": 500},
+            "limit 100 (API default)": {},
+            "limit 500": {"limit": 500},
         }
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}",

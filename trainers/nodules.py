@@ -31,6 +31,7 @@ import torch
 from monai.losses import DiceCELoss
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from scipy import ndimage
 
 from trainers.data import SPLIT_CODES
 from trainers.evaluate import EVALUATION_FILE, _dice, _phantom_volume, _rate
@@ -496,3 +497,470 @@ def run_command(args: Any, recipe: NoduleRecipe, console: Console) -> int:
         console.log(f"model card written: {out}")
         return 0
     return 2
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def _parity_case(seed: int) -> NoduleCase:
+    return NoduleCase(
+        split="parity",
+        seed=seed,
+        index=0,
+        plan=NodulePlan(diameters_mm=(12.0, 32.0), decoy_trees=5),
+        shape=(120, 256, 256),
+        spacing=(2.5, 1.56, 1.56),
+    )
+
+
+def load_nodule_model(
+    recipe: NoduleRecipe, checkpoint_path: Path
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network from a training checkpoint, in eval mode, and the checkpoint itself."""
+    if not checkpoint_path.is_file():
+        raise SystemExit(f"no checkpoint at {checkpoint_path}: run `python -m trainers train`")
+    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if saved.get("recipe") != recipe.name:
+        raise SystemExit(f"{checkpoint_path} is a {saved.get('recipe')!r} checkpoint")
+    model = recipe.network.build()
+    model.load_state_dict(saved["model"])
+    model.eval()
+    return model, saved
+
+
+def export_nodules(
+    recipe: NoduleRecipe, checkpoint_path: Path, out_dir: Path, *, seed: int
+) -> Path:
+    """Export the checkpoint to ONNX in ``out_dir`` (parity-checked) and write the manifest."""
+    model, saved = load_nodule_model(recipe, checkpoint_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image, target, _ = preprocess_case(recipe, _parity_case(seed))
+    full_input = image[None, None].astype(np.float32)
+    full_reference = _torch_output(model, full_input)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        onnx_tmp = Path(tmp) / ENGINE_FILE
+        _export_onnx(model, full_input, onnx_tmp)
+        engine = OnnxRuntimeEngine(onnx_tmp, threads=torch.get_num_threads())
+        full_diff = float(np.abs(engine.run(full_input) - full_reference).max())
+        crop_input = _crop_around(full_input, target >= 0.5, PARITY_CROP)
+        crop_reference = _torch_output(model, crop_input)
+        crop_diff = float(np.abs(engine.run(crop_input) - crop_reference).max())
+        if max(full_diff, crop_diff) > PARITY_TOLERANCE:
+            raise RuntimeError(
+                f"ONNX Runtime differs from PyTorch by {max(full_diff, crop_diff):.2e} "
+                f"(tolerance {PARITY_TOLERANCE:.0e}); not exporting"
+            )
+        os.replace(onnx_tmp, out_dir / ENGINE_FILE)
+    np.save(out_dir / PARITY_INPUT, crop_input)
+    np.save(out_dir / PARITY_OUTPUT, crop_reference.astype(np.float32))
+    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
+
+    state, data, spec = saved["state"], saved["data"], recipe.training
+    train_cache, val_cache = _caches(recipe, checkpoint_path.parent)
+    data_seconds = train_cache.build_seconds() + val_cache.build_seconds()
+    history = state["history"]
+    training: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "seed": saved["seed"],
+        "epochs": state["epoch"],
+        "steps": state["step"],
+        "batch_size": spec.batch_size,
+        "crop": list(spec.crop),
+        "threads": 1,
+        "train_cases": data["train_cases"],
+        "train_nodule_cases": data["train_nodule_cases"],
+        "train_nodules": data["train_nodules"],
+        "val_cases": data["val_cases"],
+        "data": (
+            "procedural chest-CT phantoms (trainers/phantoms/chest_ct.py, NodulePlan) on "
+            "random acquisition grids (matrix "
+            + "/".join(str(m) for m, _ in spec.in_plane)
+            + ", slices "
+            + "/".join(f"{d:g}" for d, _ in spec.slice_spacing)
+            + f" mm) passed through this manifest's preprocessing; 0–{spec.max_nodules} "
+            "solid nodules per case, log-uniform 3–30 mm, spherical or lobulated, −150 to "
+            f"+60 HU, 30 % juxtapleural, one 30–40 mm mass in {spec.mass_fraction:.0%} of "
+            "cases with nodules; 3–8 branching soft-tissue vessel trees per case as decoys, "
+            f"{spec.decoy_crop_fraction:.0%} of training crops centred on them"
+        ),
+        "loss": "DiceCELoss(sigmoid=True, batch=True), soft (area-resized) targets",
+        "optimizer": f"AdamW lr {spec.learning_rate} + OneCycleLR",
+        "network": {"class": "monai.networks.nets.UNet", **asdict(recipe.network), "norm": "batch"},
+        "train_minutes": round(state["train_seconds"] / 60.0, 2),
+        "data_minutes": round((data_seconds or state["data_seconds"]) / 60.0, 2),
+        "final_val_dice": history[-1].get("val_dice") if history else None,
+        "history": history,
+        "weights": WEIGHTS_FILE,
+        "export": {
+            "exporter": "torch.onnx.export(dynamo=True), dynamic spatial axes",
+            "parity_max_abs_diff_full": full_diff,
+            "parity_max_abs_diff_reference": crop_diff,
+        },
+        "versions": _versions(),
+    }
+    manifest = Manifest(
+        name=recipe.name,
+        version=recipe.version,
+        task="segmentation",
+        description=recipe.description,
+        modalities=list(recipe.modalities),
+        input=InputSpec(name="image", shape=recipe.input_shape),
+        preprocessing=list(recipe.preprocessing),
+        output=OutputSpec(name="logits", activation="sigmoid"),
+        labels=list(recipe.labels),
+        probability_threshold=recipe.probability_threshold,
+        min_component_ml=recipe.min_component_ml,
+        postprocess="nodules",
+        engine=EngineFileSpec(
+            path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
+        ),
+        parity=ParitySpec(
+            input_path=PARITY_INPUT, output_path=PARITY_OUTPUT, tolerance=PARITY_TOLERANCE
+        ),
+        training=training,
+    )
+    manifest_path = out_dir / "manifest.json"
+    write_manifest(manifest, manifest_path)
+    return manifest_path
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+#: Size bins (mm, long-axis diameter of the reference mask) for per-size sensitivity.
+SIZE_BINS_MM = ((0.0, 6.0), (6.0, 10.0), (10.0, 20.0), (20.0, 30.0), (30.0, math.inf))
+
+
+def _bin_name(lo: float, hi: float) -> str:
+    return f"{lo:g}–{hi:g} mm" if math.isfinite(hi) else f"≥{lo:g} mm"
+
+
+def _match(
+    truth: np.ndarray, n_truth: int, truth_centres: list[np.ndarray],
+    truth_radii: list[float], pred_masks: list[np.ndarray], pred_centres: list[np.ndarray],
+) -> list[int]:
+    """For each prediction, the reference nodule it hits (1…n) or 0.
+
+    A prediction hits the reference nodule it overlaps most; one overlapping none hits a
+    nodule whose centre is within its radius + 2 mm of the prediction's centroid (LUNA16
+    counts a hit within the radius).
+    """
+    hits = []
+    for mask, centre in zip(pred_masks, pred_centres, strict=True):
+        overlap = np.bincount(truth[mask], minlength=n_truth + 1)
+        overlap[0] = 0
+        if overlap.any():
+            hits.append(int(np.argmax(overlap)))
+            continue
+        hit = 0
+        for k, (c, r) in enumerate(zip(truth_centres, truth_radii, strict=True), start=1):
+            if float(np.linalg.norm(centre - c)) <= r + 2.0:
+                hit = k
+                break
+        hits.append(hit)
+    return hits
+
+
+def _froc(
+    candidates: list[tuple[float, int, int]], total_nodules: int, scans: int,
+    rates: tuple[float, ...],
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """FROC from (score, case, hit) candidates: sensitivity at each FP/scan rate, and the
+    curve (one point per distinct score threshold)."""
+    curve: list[dict[str, float]] = []
+    for t in sorted({c[0] for c in candidates}, reverse=True):
+        kept = [c for c in candidates if c[0] >= t]
+        found = {(c[1], c[2]) for c in kept if c[2] > 0}
+        fps = sum(1 for c in kept if c[2] == 0)
+        curve.append(
+            {
+                "score_threshold": round(t, 4),
+                "fp_per_scan": fps / scans,
+                "sensitivity": len(found) / total_nodules if total_nodules else 0.0,
+            }
+        )
+    table = []
+    for rate in rates:
+        ok = [p for p in curve if p["fp_per_scan"] <= rate]
+        best = max(ok, key=lambda p: p["sensitivity"]) if ok else None
+        table.append(
+            {
+                "fp_per_scan": rate,
+                "sensitivity": round(best["sensitivity"], 4) if best else 0.0,
+                "score_threshold": best["score_threshold"] if best else None,
+            }
+        )
+    return table, curve
+
+
+def _reference_nodules(
+    labels: np.ndarray, volume: Any, info: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Reference diameter (same measure as the detector), centre and size of each nodule."""
+    out = []
+    objects = ndimage.find_objects(labels)
+    for k, where in enumerate(objects, start=1):
+        if where is None:
+            continue
+        local = labels[where] == k
+        long_axis, _ = axial_long_axis_mm(local, (volume.spacing[1], volume.spacing[2]))
+        start = np.array([s.start for s in where], dtype=float)
+        centre = volume.voxel_to_patient(
+            tuple(float(v) for v in np.argwhere(local).mean(axis=0) + start)
+        )
+        meta = info["nodules"][k - 1]
+        out.append(
+            {
+                "diameter_mm": round(long_axis, 2),
+                "requested_diameter_mm": meta["requested_diameter_mm"],
+                "volume_ml": round(float(local.sum()) * volume.voxel_volume_ml, 4),
+                "centre_mm": [round(v, 1) for v in centre],
+                "side": meta["side"],
+                "juxtapleural": meta["juxtapleural"],
+                "lobulated": meta["lobulated"],
+                "hu": meta["hu"],
+            }
+        )
+    return out
+
+
+def evaluate_nodules(
+    recipe: NoduleRecipe,
+    engine_dir: Path,
+    *,
+    seed: int,
+    threads: int,
+    cases: int | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the node's :class:`NoduleDetector` on held-out phantoms; write evaluation.json."""
+    console = console or Console()
+    spec = recipe.evaluation
+    detector = NoduleDetector(
+        engine_dir / "manifest.json", threads=threads,
+        urgent_diameter_mm=recipe.urgent_diameter_mm,
+    )
+    specs = evaluation_cases(recipe, seed)[: cases or spec.cases]
+    rows: list[dict[str, Any]] = []
+    candidates: list[tuple[float, int, int]] = []
+    timings: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("eval", total=len(specs))
+        for case in specs:
+            hu, labels, info = case.generate()
+            volume = _phantom_volume(hu, info, case.index)
+            del hu
+            result = detector.run(volume)
+            reference = _reference_nodules(labels, volume, info)
+            masks = [f.mask for f in result.findings if f.mask is not None]
+            centres = [np.array(f.centroid_mm or (0.0, 0.0, 0.0)) for f in result.findings]
+            hits = _match(
+                labels, len(reference),
+                [np.array(r["centre_mm"]) for r in reference],
+                [r["diameter_mm"] / 2.0 for r in reference], masks, centres,
+            )
+            predicted = np.zeros(labels.shape, bool)
+            for mask in masks:
+                predicted |= mask
+            truth = labels > 0
+            for k, ref in enumerate(reference, start=1):
+                mine = [i for i, h in enumerate(hits) if h == k]
+                ref["detected"] = bool(mine)
+                ref["score"] = max((result.findings[i].score for i in mine), default=0.0)
+                if mine:
+                    best = max(mine, key=lambda i: result.findings[i].score)
+                    got = result.findings[best].measurements["long_axis_diameter_mm"]
+                    ref["pred_diameter_mm"] = round(got, 2)
+                    ref["pred_side"] = (
+                        "left" if (result.findings[best].centroid_mm or (0.0,))[0] > 0
+                        else "right"
+                    )
+                    union = np.zeros(labels.shape, bool)
+                    for i in mine:
+                        union |= masks[i]
+                    ref["dice"] = round(_dice(union, labels == k), 4)
+            for finding, hit in zip(result.findings, hits, strict=True):
+                candidates.append((finding.score, case.index, hit))
+            urgent_truth = any(r["diameter_mm"] >= recipe.urgent_diameter_mm for r in reference)
+            rows.append(
+                {
+                    "index": case.index,
+                    "shape": list(case.shape),
+                    "spacing": list(case.spacing),
+                    "reference": reference,
+                    "findings": [
+                        {
+                            "score": round(f.score, 4),
+                            "diameter_mm": round(f.measurements["long_axis_diameter_mm"], 2),
+                            "volume_ml": round(f.volume_ml or 0.0, 4),
+                            "side": "left" if (f.centroid_mm or (0.0,))[0] > 0 else "right",
+                            "hit": hit,
+                        }
+                        for f, hit in zip(result.findings, hits, strict=True)
+                    ],
+                    "decoy_segments": len(info["decoys"]),
+                    "dice": round(_dice(predicted, truth), 4) if truth.any() else None,
+                    "urgent_truth": urgent_truth,
+                    "urgency": result.urgency.value,
+                    "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
+                }
+            )
+            for k, v in result.timings_s.items():
+                timings.setdefault(k, []).append(v)
+            progress.advance(task)
+    metrics = summarise_nodules(rows, candidates, recipe)
+    report: dict[str, Any] = {
+        "detector": detector.name,
+        "version": detector.version,
+        "engine_sha256": detector.manifest.engine.sha256,
+        "seed": seed,
+        "split": "test (SeedSequence entropy word 3; training uses 1, validation 2)",
+        "grids": [{"shape": list(s), "spacing": list(d)} for s, d in spec.grids],
+        "threads": threads,
+        "probability_threshold": detector.manifest.probability_threshold,
+        "min_component_ml": detector.manifest.min_component_ml,
+        "urgent_diameter_mm": recipe.urgent_diameter_mm,
+        "matching": (
+            "a finding hits the reference nodule it overlaps most, or (no overlap) one whose "
+            "centre is within its radius + 2 mm of the finding's centroid; further findings "
+            "on an already-hit nodule are neither true nor false positives"
+        ),
+        "diameter": (
+            "longest axial (in-plane) Feret diameter of the mask between voxel centres plus "
+            "one pixel, for the reference mask and the finding alike"
+        ),
+        "metrics": metrics,
+        "timings_s": {
+            k: {"mean": round(float(np.mean(v)), 4), "max": round(float(np.max(v)), 4)}
+            for k, v in timings.items()
+        },
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "cases": rows,
+    }
+    out = engine_dir / EVALUATION_FILE
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    _record_in_manifest(engine_dir / "manifest.json", report)
+    return report
+
+
+def _bootstrap_ci(
+    values: list[float], stat: Any, rng: np.random.Generator, n: int
+) -> list[float] | None:
+    if not values:
+        return None
+    arr = np.asarray(values, dtype=float)
+    draws = [float(stat(arr[rng.integers(0, len(arr), len(arr))])) for _ in range(n)]
+    return [round(float(np.percentile(draws, 2.5)), 4), round(float(np.percentile(draws, 97.5)), 4)]
+
+
+def summarise_nodules(
+    rows: list[dict[str, Any]], candidates: list[tuple[float, int, int]], recipe: NoduleRecipe
+) -> dict[str, Any]:
+    """Held-out metrics from per-case rows and the scored candidates."""
+    spec = recipe.evaluation
+    rng = np.random.default_rng(0)
+    nodules = [r for row in rows for r in row["reference"]]
+    froc, curve = _froc(candidates, len(nodules), len(rows), spec.froc_rates)
+    detected = [r for r in nodules if r["detected"]]
+    errors = [r["pred_diameter_mm"] - r["diameter_mm"] for r in detected]
+    abs_errors = [abs(e) for e in errors]
+    fps = [sum(1 for f in row["findings"] if f["hit"] == 0) for row in rows]
+    by_size = {}
+    for lo, hi in SIZE_BINS_MM:
+        group = [r for r in nodules if lo <= r["diameter_mm"] < hi]
+        found = [r for r in group if r["detected"]]
+        by_size[_bin_name(lo, hi)] = {
+            "detected": _rate(len(found), len(group)),
+            "diameter_median_abs_error_mm": (
+                round(float(np.median([abs(r["pred_diameter_mm"] - r["diameter_mm"])
+                                       for r in found])), 3) if found else None
+            ),
+            "dice_mean": round(float(np.mean([r["dice"] for r in found])), 4) if found else None,
+        }
+    urgent_pos = [r for r in rows if r["urgent_truth"]]
+    urgent_neg = [r for r in rows if not r["urgent_truth"]]
+    with_nodules = [r for r in rows if r["reference"]]
+    without = [r for r in rows if not r["reference"]]
+    case_dice = [r["dice"] for r in with_nodules]
+    nodule_dice = [r["dice"] for r in detected]
+    side_ok = sum(1 for r in detected if r["pred_side"] == r["side"])
+    juxta = [r for r in nodules if r["juxtapleural"]]
+    return {
+        "counts": {
+            "cases": len(rows),
+            "cases_with_nodules": len(with_nodules),
+            "cases_with_mass": len(urgent_pos),
+            "decoy_only_cases": len(without),
+            "nodules": len(nodules),
+            "decoy_vessel_segments": sum(r["decoy_segments"] for r in rows),
+        },
+        "dice": {
+            "mean": round(float(np.mean(case_dice)), 4) if case_dice else None,
+            "median": round(float(np.median(case_dice)), 4) if case_dice else None,
+            "ci95_mean": _bootstrap_ci(case_dice, np.mean, rng, spec.bootstrap),
+            "n": len(case_dice),
+            "per_detected_nodule_mean": (
+                round(float(np.mean(nodule_dice)), 4) if nodule_dice else None
+            ),
+        },
+        "froc": froc,
+        "froc_average_sensitivity": round(float(np.mean([r["sensitivity"] for r in froc])), 4),
+        "froc_curve": curve,
+        "operating_point": {
+            "sensitivity": _rate(len(detected), len(nodules)),
+            "fp_per_scan": round(float(np.mean(fps)), 4) if fps else None,
+            "fp_per_decoy_only_scan": (
+                round(float(np.mean([sum(1 for f in r["findings"] if f["hit"] == 0)
+                                     for r in without])), 4) if without else None
+            ),
+            "juxtapleural_sensitivity": _rate(sum(1 for r in juxta if r["detected"]),
+                                              len(juxta)),
+            "side_correct": _rate(side_ok, len(detected)),
+        },
+        "by_size": by_size,
+        "diameter_error_mm": {
+            "median_absolute": round(float(np.median(abs_errors)), 3) if abs_errors else None,
+            "ci95_median_absolute": _bootstrap_ci(abs_errors, np.median, rng, spec.bootstrap),
+            "mean_absolute": round(float(np.mean(abs_errors)), 3) if abs_errors else None,
+            "median_signed": round(float(np.median(errors)), 3) if errors else None,
+            "n": len(errors),
+        },
+        "urgent_diameter_mm": recipe.urgent_diameter_mm,
+        "urgent_sensitivity": _rate(
+            sum(1 for r in urgent_pos if r["urgency"] == Urgency.URGENT.value), len(urgent_pos)
+        ),
+        "urgent_specificity": _rate(
+            sum(1 for r in urgent_neg if r["urgency"] != Urgency.URGENT.value), len(urgent_neg)
+        ),
+        "study_positive_sensitivity": _rate(
+            sum(1 for r in with_nodules if r["findings"]), len(with_nodules)
+        ),
+        "study_negative_specificity": _rate(
+            sum(1 for r in without if not r["findings"]), len(without)
+        ),
+    }
+
+
+def _record_in_manifest(manifest_path: Path, report: dict[str, Any]) -> None:
+    """Copy the headline held-out figures into the manifest's training provenance."""
+    manifest = load_manifest(manifest_path, verify=True)
+    m = report["metrics"]
+    summary = {
+        "file": EVALUATION_FILE,
+        "cases": m["counts"],
+        "dice_mean": m["dice"]["mean"],
+        "froc": {str(r["fp_per_scan"]): r["sensitivity"] for r in m["froc"]},
+        "sensitivity_operating_point": m["operating_point"]["sensitivity"]["value"],
+        "fp_per_scan_operating_point": m["operating_point"]["fp_per_scan"],
+        "urgent_sensitivity": m["urgent_sensitivity"]["value"],
+        "urgent_specificity": m["urgent_specificity"]["value"],
+        "diameter_median_abs_error_mm": m["diameter_error_mm"]["median_absolute"],
+        "urgent_diameter_mm": m["urgent_diameter_mm"],
+    }
+    training = {**manifest.training, "evaluation": summary}
+    write_manifest(manifest.model_copy(update={"training": training}), manifest_path)

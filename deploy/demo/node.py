@@ -95,7 +95,7 @@ class NodeProcess:
         raise RuntimeError(f"triage-node did not answer within {timeout} s")
 
     def worklist(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.api_url}/api/worklist",
+        r = httpx.get(f"{self.api_url}/api/worklist", params={"limit": 10_000},
                       headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
         r.raise_for_status()
         items: list[dict[str, Any]] = r.json()

@@ -192,7 +192,7 @@ def create_app(node: Node, *, sse_keepalive_seconds: float = 15.0) -> FastAPI:
         claimed: bool | None = None,
         claimed_by: str | None = None,
         read: bool | None = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> JSONResponse:
         """Worklist items in the configured order (default: tier, score, arrival).
