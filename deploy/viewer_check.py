@@ -30,14 +30,17 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
-from scipy import ndimage
 
-from triage_node.results.sc import grey_image
+# The drawing is shared with the node's web console (its result previews).
+from triage_node.console.preview import (
+    grey_rgb,
+    overlay_segments,
+    seg_masks_by_source,
+    segment_colours,
+    thumbnail,
+)
 
 __all__ = ["main", "render_results"]
-
-_PALETTE = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (230, 120, 255)]
-_TINT = 0.35
 
 
 def _dicom_files(inputs: Iterable[Path]) -> list[Path]:
@@ -67,65 +70,23 @@ def _source_index(source_dir: Path | None) -> dict[str, Path]:
 
 
 def _save_png(rgb: np.ndarray, path: Path, size: int) -> Path:
-    image = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    image: Image.Image = thumbnail(rgb, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, optimize=True)
     return path
 
 
-def _grey_rgb(source: Dataset) -> np.ndarray:
-    grey = np.rint(grey_image(source, np.zeros((1, 1))) * 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def _segment_colours(seg: Dataset) -> dict[int, tuple[int, int, int]]:
-    return {
-        int(item.SegmentNumber): _PALETTE[i % len(_PALETTE)]
-        for i, item in enumerate(seg.SegmentSequence)
-    }
-
-
-def _frame_sources(seg: Dataset) -> list[tuple[str, int]]:
-    """(source SOP Instance UID, segment number) of every SEG frame."""
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    shared_segment = (
-        int(shared.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        if "SegmentIdentificationSequence" in shared else None
-    )
-    frames: list[tuple[str, int]] = []
-    for item in seg.PerFrameFunctionalGroupsSequence:
-        source = item.DerivationImageSequence[0].SourceImageSequence[0]
-        number = (
-            int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-            if "SegmentIdentificationSequence" in item else shared_segment
-        )
-        if number is None:
-            raise ValueError("SEG frame without a segment number")
-        frames.append((str(source.ReferencedSOPInstanceUID), number))
-    return frames
-
-
 def render_seg(seg: Dataset, sources: dict[str, Path], out: Path, stem: str, *, slices: int,
                size: int) -> list[Path]:
     """PNG overlays of ``seg`` on the source slices with the most segment pixels."""
-    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
-    by_source: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for (uid, number), frame in zip(_frame_sources(seg), pixels, strict=True):
-        by_source.setdefault(uid, []).append((number, frame.astype(bool)))
-    ranked = sorted(by_source, key=lambda u: -sum(int(m.sum()) for _, m in by_source[u]))
-    colours = _segment_colours(seg)
+    by_source = seg_masks_by_source(seg)  # the slices with the most segment pixels first
+    colours = segment_colours(seg)
     written: list[Path] = []
-    for uid in [u for u in ranked if u in sources][:slices]:
+    for uid in [u for u in by_source if u in sources][:slices]:
         source = pydicom.dcmread(sources[uid])
-        rgb = _grey_rgb(source).astype(np.float32)
-        for number, mask in by_source[uid]:
-            colour = np.asarray(colours.get(number, _PALETTE[0]), dtype=np.float32)
-            rgb[mask] = rgb[mask] * (1 - _TINT) + colour * _TINT
-            edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
-            rgb[edge] = colour
+        rgb = overlay_segments(source, by_source[uid], colours)
         name = f"{stem}-image{source.get('InstanceNumber', 0)}.png"
-        written.append(_save_png(np.rint(rgb), out / name, size))
+        written.append(_save_png(rgb, out / name, size))
     return written
 
 
@@ -161,7 +122,7 @@ def render_kos(kos: Dataset, sources: dict[str, Path], results: dict[str, Path],
         if path is None:
             continue
         ds = pydicom.dcmread(path)
-        rgb = ds.pixel_array if ds.get("SamplesPerPixel", 1) == 3 else _grey_rgb(ds)
+        rgb = ds.pixel_array if ds.get("SamplesPerPixel", 1) == 3 else grey_rgb(ds)
         written.append(_save_png(rgb, out / f"{stem}-key{n}.png", size))
     text = out / f"{stem}.txt"
     text.write_text("\n".join(lines) + "\n")

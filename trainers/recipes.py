@@ -408,7 +408,7 @@ CXR_PNEUMOTHORAX = ClassifierRecipe(
         positive_fraction=0.5,
         epochs=14,
         batch_size=16,
-        learning_rate=3e-3,
+        learning_rate=2e-3,
         weight_decay=1e-4,
     ),
     evaluation=ClassifierEvaluationSpec(cases=200, shapes=((256, 256), (512, 512))),

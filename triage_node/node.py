@@ -16,6 +16,7 @@ from triage_node.deliver.outbox import Destination, Outbox
 from triage_node.detectors.classification import ClassificationDetector
 from triage_node.detectors.findings import DetectorResult
 from triage_node.detectors.manifest import Manifest, load_manifest
+from triage_node.detectors.nodules import NoduleDetector
 from triage_node.detectors.segmentation import SegmentationDetector
 from triage_node.errors import InvalidDicomError
 from triage_node.imaging.volume import Volume
@@ -65,10 +66,14 @@ class ResultWriter:
 
 
 def build_detector(cfg: DetectorConfig) -> DetectorRuntime:
-    """The detector a config describes, by its manifest's task (segmentation, classification)."""
-    task = load_manifest(cfg.manifest, verify=False).task  # the detector verifies the engine
-    if task == "classification":
+    """The detector a config describes, by its manifest's task (segmentation, classification)
+    and segmentation postprocessing (``nodules``: one finding per nodule)."""
+    manifest = load_manifest(cfg.manifest, verify=False)  # the detector verifies the engine
+    if manifest.task == "classification":
         return ClassificationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads)
+    if manifest.postprocess == "nodules":
+        return NoduleDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
+                              urgent_diameter_mm=cfg.urgent_diameter_mm)
     return SegmentationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
                                 critical_volume_ml=cfg.critical_volume_ml)
 

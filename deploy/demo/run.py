@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             print("\n(the URLs work while the demo runs: `make demo KEEP=1` keeps it running)")
         else:
-            print(f"\nRunning; API token: {node.token}\nCtrl-C to stop.")
+            print(f"\nRunning; API token: {node.token}")
+            print(f"Console {node.api_url}/console/ (token: {node.token})\nCtrl-C to stop.")
             try:
                 while True:
                     time.sleep(3600)

@@ -182,7 +182,8 @@ class NodulePlan:
     diameters_mm: tuple[float, ...] = ()
     """One solid nodule per entry, 3–40 mm (longest diameter, approximately)."""
     decoy_trees: int = 4
-    """Branching soft-tissue vessel trees (a parent and two children each)."""
+    """Branching soft-tissue vessel trees (a parent and two children each); a tree drawn
+    across a nodule is left out, so there can be fewer."""
     juxtapleural_fraction: float = 0.3
     lobulated_fraction: float = 0.4
 

@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from trainers.phantoms._grid import RngLike, make_rng
 
-PHANTOM_VERSION = 2
+PHANTOM_VERSION = 3
 """Bump when the generator changes what a seed produces (invalidates training caches)."""
 
 #: Decoys and how often each appears (independently) on any case.
@@ -197,9 +197,9 @@ def draw_chest(rng_or_seed: RngLike, *, pneumothorax_size: float | None) -> Ches
             half_width=0.45 + 1.3 * s + rng.uniform(-0.1, 0.15),
             depth=0.08 + 0.34 * s + rng.uniform(0.0, 0.05),
             plateau=rng.uniform(1.0, 2.5),
-            line_amp=rng.uniform(0.04, 0.09),
+            line_amp=rng.uniform(0.05, 0.1),
             line_sigma_px=rng.uniform(0.5, 1.0),
-            lucency=rng.uniform(0.04, 0.09),
+            lucency=rng.uniform(0.08, 0.15),
         )
     decoys: dict[str, dict[str, float]] = {}
     for name, rate in DECOY_RATES.items():

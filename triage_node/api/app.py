@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from triage_node import __version__
 from triage_node.api.auth import Principal, TokenTable, check_role
+from triage_node.api.console import console_router
 from triage_node.api.stow import store_instances
 from triage_node.api.views import detectors_view, study_detail, system_view
 from triage_node.audit import AuditLog
@@ -416,5 +417,9 @@ def create_app(node: Node, *, sse_keepalive_seconds: float = 15.0) -> FastAPI:
     async def stow(_: Admin, request: Request) -> Response:
         """STOW-RS: store instances (multipart/related; type="application/dicom")."""
         return await store_instances(request, node.ingestor, node.config.dicom.ae_title)
+
+    # --- web console (static pages; data through the API above) and result previews ------
+
+    app.include_router(console_router(node, reader=_radiologist))
 
     return app

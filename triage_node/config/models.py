@@ -471,6 +471,9 @@ class DetectorConfig(_Strict):
     critical_volume_ml: float = Field(default=1.0, ge=0)
     """A finding at or above this volume makes the study ``critical`` (segmentation
     detectors; a classification detector's operating threshold is in its manifest)."""
+    urgent_diameter_mm: float = Field(default=30.0, gt=0)
+    """Nodule detectors (manifest ``postprocess: nodules``): a nodule whose long-axis
+    diameter reaches this makes the study ``urgent`` (30 mm: a lung mass)."""
     enabled: bool = True
     series: SeriesSelection = Field(default_factory=SeriesSelection)
     """Which series of a routed study this detector may analyse (the best one is taken)."""
