@@ -18,8 +18,20 @@ from triage_node.state.db import Database
 
 ACTIONS: frozenset[str] = frozenset({
     "rules.reload", "study.rerun", "study.process", "worklist.claim", "worklist.release",
-    "worklist.read", "feedback", "outbox.retry",
+    "worklist.read", "feedback", "outbox.retry", "quarantine.retry",
 })
+SYSTEM_ROLE = "system"
+"""Role of entries the node writes itself (a rules file change it noticed, SIGHUP)."""
+
+
+def cli_user() -> str:
+    """Who runs an admin command on this machine: ``cli:<login name>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no login name (container without passwd entry)
+        return "cli:unknown"
 ALLOWED_DETAIL_KEYS: frozenset[str] = frozenset({
     "detector", "verdict", "finding_index", "label", "rules", "ok", "forced", "count",
     "destination", "generation", "instances", "previous_holder",

@@ -9,6 +9,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.dataset import Dataset
 
 from triage_node.assembly.assembler import StudyAssembler
+from triage_node.audit import SYSTEM_ROLE, AuditLog
 from triage_node.config.loader import load_detector_configs
 from triage_node.config.models import DetectorConfig, NodeConfig
 from triage_node.deliver.destinations import build_destinations
@@ -37,7 +38,7 @@ from triage_node.routing.explain import (
     explain,
     headers_from_metadata,
 )
-from triage_node.routing.reloader import RulesHolder
+from triage_node.routing.reloader import ReloadResult, RulesHolder
 from triage_node.routing.rules import Priority
 from triage_node.routing.selection import SeriesSelection
 from triage_node.spool.index import InstanceIndex, Source
@@ -124,6 +125,17 @@ class Node:
                                 max_priority=Priority.STAT.rank)
                          for i in range(config.stat_workers)]
 
+    def reload_rules(self, *, by: str, force: bool = True) -> ReloadResult:
+        """Re-read the rules file; a change (applied or refused) goes to the audit log."""
+        result = self.rules.reload(force=force)
+        if result.changed or force:
+            AuditLog(self.db).record(user=by, role=SYSTEM_ROLE, action="rules.reload",
+                                     ok=result.ok, rules=result.rules)
+        return result
+
+    def _watch_rules(self) -> None:
+        self.reload_rules(by="system:file-watch", force=False)
+
     def _priority_of(self, study_uid: str) -> int:
         return self.processor.route(study_uid).priority.rank
 
@@ -154,7 +166,7 @@ class Node:
                 max_instances=1, coalesce=True, misfire_grace_time=None)
         if self.config.rules_watch_seconds > 0:
             self.scheduler.add_job(
-                self.rules.check_for_change, "interval", id="rules-watch",
+                self._watch_rules, "interval", id="rules-watch",
                 seconds=self.config.rules_watch_seconds, max_instances=1, coalesce=True)
         self.scheduler.start()
         for worker in self.workers:

@@ -92,6 +92,15 @@ def test_without_a_configured_token_everything_is_refused(
     assert r.status_code == 401 and "TRIAGE_NODE_API_TOKEN" in r.json()["detail"]
 
 
+def test_sighup_and_file_watch_reloads_are_audited(node: Node, tmp_path: Path) -> None:
+    from triage_node.audit import AuditLog
+
+    node.reload_rules(by="system:sighup")
+    assert node.reload_rules(by="system:file-watch", force=False).changed is False
+    entries = [(e.user, e.role, e.action) for e in AuditLog(node.db).entries()]
+    assert entries == [("system:sighup", "system", "rules.reload")]
+
+
 def test_rules_listing_reload_and_rejection(node: Node, tmp_path: Path) -> None:
     client = TestClient(create_app(node))
     listing = client.get("/api/rules", headers=AUTH).json()

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 
+from triage_node.audit import AuditLog
 from triage_node.cli.main import main
 from triage_node.config.loader import validate_file
 from triage_node.config.models import DeliveryConfig, DestinationConfig, NodeConfig
@@ -248,6 +249,8 @@ def test_outbox_cli_lists_and_retries(db: Database, tmp_path: Path,
     assert "entry 7 not retried: no such entry" in out.err
     assert main(["outbox", "retry", "--id", "1", *common]) == 1
     assert "entry 1 not retried: it is pending, not dead" in capsys.readouterr().err
+    audited = [(e.action, e.role, e.detail.get("count")) for e in AuditLog(db).entries()]
+    assert audited == [("outbox.retry", "admin", 1)]  # only the retry that revived one
 
     share.unlink()
     assert outbox.deliver_due() == 1

@@ -53,7 +53,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # open /api/events streams never end by themselves: bound the wait at shutdown
         timeout_graceful_shutdown=5))
     # SIGHUP re-reads the rules (an invalid file is logged and the old rules stay).
-    signal.signal(signal.SIGHUP, lambda *_: node.rules.reload())
+    signal.signal(signal.SIGHUP, lambda *_: node.reload_rules(by="system:sighup"))
     node.start()
     try:
         server.run()  # handles SIGINT/SIGTERM and returns
@@ -264,6 +264,7 @@ def _cmd_outbox_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_outbox_retry(args: argparse.Namespace) -> int:
+    from triage_node.audit import AuditLog, cli_user
     from triage_node.deliver.outbox import list_entries, retry_dead
 
     if not (args.ids or args.destination or args.all_dead):
@@ -281,6 +282,9 @@ def _cmd_outbox_retry(args: argparse.Namespace) -> int:
                   "would fail again", file=sys.stderr)
             return 2
         revived = retry_dead(db, ids=args.ids or (), destination=args.destination)
+        if revived:
+            AuditLog(db).record(user=cli_user(), role="admin", action="outbox.retry",
+                                count=len(revived), destination=args.destination)
         code = 0
         if args.ids:
             known = {e.id: e.status for e in list_entries(db, limit=1_000_000)}
@@ -339,6 +343,7 @@ def _cmd_quarantine_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_quarantine_retry(args: argparse.Namespace) -> int:
+    from triage_node.audit import AuditLog, cli_user
     from triage_node.logging import configure_logging
     from triage_node.receive.ingest import Ingestor
     from triage_node.spool.index import InstanceIndex
@@ -360,6 +365,8 @@ def _cmd_quarantine_retry(args: argparse.Namespace) -> int:
                             min_free_bytes=config.dicom.min_free_disk_mb * 1024 * 1024,
                             limits=config.limits)
         results = quarantine.retry(entries, ingestor.ingest, config.limits)
+        AuditLog(db).record(user=cli_user(), role="admin", action="quarantine.retry",
+                            count=len(results), instances=sum(r.released for r in results))
     finally:
         db.close()
     if args.json:
