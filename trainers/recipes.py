@@ -451,6 +451,7 @@ class NoduleTrainingSpec:
     batch_size: int
     crop: tuple[int, int, int]
     positive_crop_fraction: float
+    """Share of crops centred on a nodule: a nodule drawn uniformly, then a voxel in it."""
     decoy_crop_fraction: float
     """Share of crops centred on a decoy vessel (hard negatives)."""
     learning_rate: float
@@ -458,6 +459,8 @@ class NoduleTrainingSpec:
     flip_probability: float = 0.5
     output_prior: float = 0.01
     val_every_epochs: int = 5
+    crop_sampling: str = "per-nodule"
+    """How positive crops are centred (changes the fingerprint, so resumes stay coherent)."""
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,11 @@ def test_reload_under_load_loses_nothing(live: NodeProcess, rules_file: Path,
     assert stats["rules"][0]["name"] == "head-v1"
 
 
-def test_counters_and_last_matched(live: NodeProcess) -> None:
+def test_counters_and_last_matched(live: NodeProcess, tmp_path: Path) -> None:
+    # One study under the final rules (the churn above may have routed all by head-v2).
+    study = _small_study(tmp_path, "counted", 7150, None)
+    storescu(study.folder, live.dicom_port)
+    assert live.wait_for_study(study.study_instance_uid)["rule"] == "head-v1"
     rules = _api(live, "GET", "/api/rules").json()["rules"]
     assert rules[0]["matches"] >= 1 and rules[0]["last_matched_at"] is not None
 

@@ -212,7 +212,10 @@ class ClassificationDetector:
         peak_value = float(cam.max())
         rows, cols = volume.shape[1], volume.shape[2]
         if peak_value > 0:
-            heat = np.clip(upsample_bilinear(cam / peak_value, (rows, cols)), 0.0, 1.0)
+            heat = upsample_bilinear(cam, (rows, cols))
+            # Scaled after resampling, so the displayed peak is exactly 1 on any grid.
+            heat *= np.float32(1.0 / max(float(heat.max()), 1e-12))
+            np.clip(heat, 0.0, 1.0, out=heat)
         else:  # no location speaks for the finding: an empty map, not a division by zero
             heat = np.zeros((rows, cols), np.float32)
         heatmap = heat.astype(np.float32)[None]
