@@ -40,7 +40,8 @@ def _ctx(*series: SeriesView, calling: str = "PACS", host: str = "10.0.0.5") -> 
 
 
 def _router() -> Router:
-    return Router(load_rules(REPO / "conf" / "rules.yaml"), known_detectors={"ct-head-hemorrhage"})
+    known = {p.stem for p in (REPO / "conf" / "detectors").glob("*.yaml")}
+    return Router(load_rules(REPO / "conf" / "rules.yaml"), known_detectors=known)
 
 
 def _one_rule(condition: dict[str, object]) -> Router:

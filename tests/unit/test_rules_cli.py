@@ -35,7 +35,7 @@ def _study(folder: Path, body_part: str) -> Path:
 
 def test_check_accepts_the_shipped_rules(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rules", "check", "--config", CONFIG]) == 0
-    assert "OK, 1 rule(s)" in capsys.readouterr().out
+    assert "OK, 2 rule(s)" in capsys.readouterr().out
 
 
 def test_check_reports_errors_with_line_and_exit_1(tmp_path: Path,
