@@ -12,7 +12,7 @@ by SOP Instance UID under ``--source``.
 Run: ``.venv/bin/python -m deploy.viewer_check RESULTS_DIR_OR_FILES --source SOURCE_DIR
 --out OUT_DIR``. ``--demo WORK_DIR`` first makes the demo results that ``docs/results.md``
 shows (a phantom head CT with a bleed through the shipped ``ct-head-hemorrhage`` engine, and
-the pydicom-data chest CR with a synthetic heatmap, since no 2D detector ships yet) and then
+a phantom chest radiograph through the shipped ``cxr-pneumothorax`` engine) and then
 renders them.
 """
 
@@ -159,6 +159,8 @@ def render_results(inputs: list[Path], source_dir: Path | None, out: Path, *,
 
 
 MANIFEST = Path(__file__).resolve().parents[1] / "fixtures/engines/ct-head-hemorrhage/manifest.json"
+CXR_MANIFEST = (Path(__file__).resolve().parents[1]
+                / "fixtures/engines/cxr-pneumothorax/manifest.json")
 
 
 def _write(datasets: Iterable[Dataset], folder: Path) -> None:
@@ -169,10 +171,9 @@ def _write(datasets: Iterable[Dataset], folder: Path) -> None:
 
 def make_demo_results(work: Path) -> tuple[list[Path], list[Path]]:
     """Demo results for the docs: (result folders, source folders) under ``work``."""
-    from pydicom.data import get_testdata_file
-
     from deploy.demo.studies import make_study
-    from triage_node.detectors.findings import Code, DetectorResult, Finding, Urgency
+    from trainers.phantoms.chest_xr import generate_chest_xr, write_chest_radiograph
+    from triage_node.detectors.classification import ClassificationDetector
     from triage_node.detectors.segmentation import SegmentationDetector
     from triage_node.imaging.loader import load_series
     from triage_node.results import AlgorithmInfo, DeviceInfo, encode_results
@@ -185,25 +186,19 @@ def make_demo_results(work: Path) -> tuple[list[Path], list[Path]]:
     algorithm = AlgorithmInfo.from_manifest(detector.manifest, device)
     _write(encode_results(volume, result, algorithm), work / "results" / "bleed")
 
-    cr_path = get_testdata_file("RG1_UNCI.dcm", download=False)
-    if not isinstance(cr_path, str):
-        raise RuntimeError("pydicom-data's RG1_UNCI.dcm is not installed")
-    cr_folder = work / "sources" / "chest-cr"
+    # A phantom chest radiograph with a pneumothorax through the shipped cxr-pneumothorax
+    # engine: its own class activation map becomes the heatmap Secondary Capture.
+    image, _, info = generate_chest_xr(4242, shape=(1024, 1024), pneumothorax_size=0.8)
+    cr_folder = work / "sources" / "chest-dx"
     cr_folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(cr_path, cr_folder / "CR0001.dcm")
-    radiograph = load_series([cr_folder / "CR0001.dcm"])
-    _, rows, cols = radiograph.shape
-    yy, xx = np.mgrid[:rows, :cols]
-    heat = np.exp(-(((yy - 0.45 * rows) / (0.1 * rows)) ** 2
-                    + ((xx - 0.3 * cols) / (0.08 * cols)) ** 2))
-    finding = Finding("opacity", Code("128477000", "SCT", "Abnormal opacity"),
-                      Code("49755003", "SCT", "Morphologically Altered Structure"), 0.77,
-                      "OPACITY-1")
-    demo = DetectorResult("demo-cxr-heatmap", "0.0.1", [finding], Urgency.URGENT, 0.5,
-                          heatmap=heat.astype(np.float32)[None])
-    cr_algorithm = AlgorithmInfo(name=demo.detector, version=demo.version, device=device,
-                                 target_findings=(finding.finding_type,))
-    _write(encode_results(radiograph, demo, cr_algorithm), work / "results" / "chest-cr")
+    write_chest_radiograph(image, info["pixel_spacing_mm"], cr_folder / "DX0001.dcm",
+                           modality="DX", patient_name="DEMO^CHEST", patient_id="DEMO-0201",
+                           accession_number="DEMOACC0201")
+    radiograph = load_series([cr_folder / "DX0001.dcm"])
+    classifier = ClassificationDetector(CXR_MANIFEST, threads=2)
+    cxr_result = classifier.run(radiograph)
+    cxr_algorithm = AlgorithmInfo.from_manifest(classifier.manifest, device)
+    _write(encode_results(radiograph, cxr_result, cxr_algorithm), work / "results" / "chest-dx")
     return [work / "results"], [work / "sources"]
 
 

@@ -63,12 +63,47 @@ class OutputSpec(_Strict):
     activation: Literal["sigmoid", "none"] = "sigmoid"
 
 
+class ProfileShapeSpec(_Strict):
+    """One input's shapes in a TensorRT optimization profile (batch and channel included)."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+class TensorRTPlanSpec(_Strict):
+    """A native TensorRT plan built from this manifest's ONNX file on a GPU node.
+
+    A plan only runs with the TensorRT version that built it, on the GPU architecture it was
+    built on (``compute_capability``), and only for the ONNX file it was built from
+    (``onnx_sha256``): the TensorRT engine checks all three before it deserializes the plan.
+    """
+
+    path: str
+    """Relative to the manifest's folder."""
+    sha256: str
+    onnx_sha256: str
+    precision: Literal["fp16", "fp32"]
+    tensorrt_version: str
+    device_name: str
+    compute_capability: str
+    """``major.minor`` of the GPU that built the plan."""
+    workspace_mb: int = Field(gt=0)
+    profile: dict[str, ProfileShapeSpec]
+    """The optimization profile, by input name."""
+    built: str
+    """UTC date and time of the build (ISO 8601)."""
+
+
 class EngineFileSpec(_Strict):
     format: Literal["onnx"] = "onnx"
     path: str
     """Relative to the manifest's folder."""
     sha256: str
     opset: int
+    tensorrt: TensorRTPlanSpec | None = None
+    """A TensorRT plan built from ``path`` (``python -m trainers build-engine`` on a GPU
+    node); absent in manifests written by the ONNX export."""
 
 
 class ParitySpec(_Strict):
