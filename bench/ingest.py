@@ -5,7 +5,12 @@ One run, same machine, same sender (DCMTK ``storescu``, ``TCP_NODELAY=1``), same
 * ``storescp``   — DCMTK's store SCP writing files (``--fork`` so it takes parallel associations);
 * ``orthanc``    — a throwaway Debian Orthanc (index + storage on the same disk);
 * ``triage-node``— ``triage-node serve`` with the demo configuration: bytes fsynced and renamed,
-  indexed in SQLite, before each Success.
+  indexed in SQLite, before each Success; ``triage-node/2p`` the same with two receiving
+  processes (``dicom.receiver_processes: 2``).
+
+Neither DCMTK ``storescp`` nor Orthanc (by default) flushes each instance to disk before its
+response; triage-node does (PS3.4 B.2.2), so its figures include one ``fdatasync`` per
+instance.
 
 Each receiver gets the study over 1 association, then over 4 (the files split in 4 parts, one
 ``storescu`` per part, started together). Figures are instances/s and MB/s from the first
@@ -190,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--only", choices=["storescp", "orthanc", "triage-node"], nargs="*")
     parser.add_argument("--memory-instances", type=int, default=2000)
-    parser.add_argument("--receiver-processes", type=int, nargs="*", default=[],
-                        help="also run triage-node with these dicom.receiver_processes")
+    parser.add_argument("--receiver-processes", type=int, nargs="*", default=[2],
+                        help="also run triage-node with these dicom.receiver_processes "
+                             "(default: 2, beside the configured default of 1)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)

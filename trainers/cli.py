@@ -6,6 +6,8 @@
     python -m trainers export ct-head-hemorrhage [--seed S --out DIR]
     python -m trainers evaluate ct-head-hemorrhage [--engine-dir DIR --cases 50]
     python -m trainers card ct-head-hemorrhage [--engine-dir DIR --out FILE]
+    python -m trainers build-engine ct-head-hemorrhage [--fp16|--fp32 --workspace-mb N]
+    python -m trainers triton ct-head-hemorrhage --repo DIR [--backend onnxruntime|tensorrt]
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     common(card)
     card.add_argument("--engine-dir", type=Path, default=None)
     card.add_argument("--out", type=Path, default=None)
+
+    from trainers.gpu_export import add_parsers
+
+    add_parsers(sub, common)  # build-engine, triton (docs/engines.md)
     return parser
 
 
@@ -85,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     recipe = get_recipe(args.detector)
     console = Console()
+    if args.command in ("build-engine", "triton"):
+        from trainers.gpu_export import run_command as run_gpu_command
+
+        engine_dir = args.engine_dir or REPO_ROOT / "fixtures" / "engines" / recipe.name
+        return run_gpu_command(args, engine_dir, console)
     torch.set_num_threads(args.threads)
     if isinstance(recipe, ClassifierRecipe):
         return _classification(args, recipe, console)

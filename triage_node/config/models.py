@@ -75,9 +75,10 @@ class DicomConfig(_Strict):
     size, so a large value costs no memory and saves per-PDU work on big images."""
     tls: TlsConfig | None = None
     """When set, the port speaks DICOM TLS only."""
-    receiver_processes: int = Field(default=2, ge=1, le=16)
-    """Processes accepting associations on the port (one per core suits; see
-    docs/operations.md). ``max_associations`` is the limit across all of them."""
+    receiver_processes: int = Field(default=1, ge=1, le=16)
+    """Processes accepting associations on the port; ``max_associations`` is the limit
+    across all of them. On a 2-core node one is as fast (bench/ingest.py); more are for nodes
+    with cores to spare and many concurrent senders (see docs/operations.md)."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -466,7 +467,9 @@ class DetectorConfig(_Strict):
     name: str
     manifest: Path
     """Engine manifest; a relative path is relative to this YAML file's folder."""
-    engine: Literal["onnxruntime"] = "onnxruntime"
+    engine: Literal["onnxruntime", "onnxruntime-gpu", "tensorrt", "pytorch"] = "onnxruntime"
+    """Which engine runs the network (docs/engines.md); the same values as
+    ``triage_node.detectors.engines.ENGINE_KINDS``."""
     threads: int = Field(default=2, ge=1, le=64)
     critical_volume_ml: float = Field(default=1.0, ge=0)
     """A finding at or above this volume makes the study ``critical`` (segmentation

@@ -30,7 +30,7 @@ class OnnxRuntimeEngine:
         path: Path,
         *,
         threads: int,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
+        providers: Sequence[str | tuple[str, dict[str, str]]] = ("CPUExecutionProvider",),
     ) -> None:
         if threads < 1:
             raise InferenceError(f"{path.name}: threads must be >= 1, got {threads}")
@@ -54,7 +54,9 @@ class OnnxRuntimeEngine:
         except Exception as exc:
             raise InferenceError(f"cannot load ONNX engine {path.name}: {exc}") from exc
         loaded = self._session.get_providers()
-        missing = [p for p in providers if p not in loaded]
+        # A provider is a name, or (name, options) as ONNX Runtime accepts them.
+        requested = [p if isinstance(p, str) else p[0] for p in providers]
+        missing = [p for p in requested if p not in loaded]
         if missing:
             raise InferenceError(
                 f"{path.name}: execution provider(s) {missing} requested but not loaded "
