@@ -8,9 +8,9 @@ One run, same machine, same sender (DCMTK ``storescu``, ``TCP_NODELAY=1``), same
   indexed in SQLite, before each Success; ``triage-node/2p`` the same with two receiving
   processes (``dicom.receiver_processes: 2``).
 
-Neither DCMTK ``storescp`` nor Orthanc (by default) flushes each instance to disk before its
-response; triage-node does (PS3.4 B.2.2), so its figures include one ``fdatasync`` per
-instance.
+Orthanc flushes each instance to disk (``SyncStorageArea``, on by default since 1.7.4), as
+triage-node does before its Success (PS3.4 B.2.2); DCMTK ``storescp`` does not flush at all,
+so it is the ceiling of the machine's network and page cache, not a like-for-like receiver.
 
 Each receiver gets the study over 1 association, then over 4 (the files split in 4 parts, one
 ``storescu`` per part, started together). Figures are instances/s and MB/s from the first
