@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 DEBS   := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install debs venv demo test lint typecheck unit integration bench clean engine-cxr-pneumothorax engine-ct-chest-nodule
+.PHONY: help install debs venv demo test test-gpu lint typecheck unit integration bench clean engine-cxr-pneumothorax engine-ct-chest-nodule
 
 help:
 	@echo "make demo   - install, then run the whole job on the embedded defaults"
@@ -54,6 +54,11 @@ test: install
 
 unit: install
 	$(VENV)/bin/pytest tests/unit
+
+# Only the tests marked `gpu` (CUDA device + TensorRT); on a CPU machine they are all skipped,
+# with the reason (docs/engines.md). `make test` runs them too where a GPU exists.
+test-gpu: install
+	$(VENV)/bin/pytest -m gpu tests
 
 integration: install
 	$(VENV)/bin/pytest tests/integration

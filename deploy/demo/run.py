@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from deploy.demo.node import REPO, NodeProcess
 from deploy.demo.orthanc import LocalOrthanc
@@ -50,11 +54,33 @@ def _show_results(orthanc: LocalOrthanc, workdir: Path) -> None:
                 modality = series["MainDicomTags"].get("Modality", "")
                 descr = series["MainDicomTags"].get("SeriesDescription", "")
                 line = f"    {modality:4} {len(series['Instances']):4} inst  {descr}"
-                if modality in ("SEG", "SR", "KO"):
+                if modality in ("SEG", "SR", "KO", "OT"):
                     data = client.get(f"/instances/{series['Instances'][0]}/file").content
                     line += f"   [{_dciodvfy(data, workdir)}]"
                     line += f"\n         {orthanc.url}/app/explorer.html#series?uuid={series_id}"
                 print(line)
+
+
+def _time_to_flag(studies: list[Any], items: list[dict[str, Any]], config: Path) -> None:
+    """Last instance received → worklist item flagged, per study, with and without the wait
+    the completion timers impose (series quiet + study quiet, from the node's config)."""
+    assembly = yaml.safe_load(config.read_text()).get("assembly", {})
+    wait = float(assembly.get("series_quiet_seconds", 10)) + float(
+        assembly.get("study_quiet_seconds", 20))
+    totals = []
+    for study, item in zip(studies, items, strict=True):
+        stamps = item["timestamps"]
+        if stamps.get("flagged") is None or stamps.get("last_received") is None:
+            continue
+        total = stamps["flagged"] - stamps["last_received"]
+        totals.append(total - wait)
+        print(f"  {study.name:18} flagged {total:5.2f} s after its last instance "
+              f"({total - wait:4.2f} s after the {wait:.0f} s completion wait)")
+    if totals:
+        ordered = sorted(totals)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        print(f"  time to flag after the completion wait: p50 {statistics.median(ordered):.2f} s,"
+              f" p95 {p95:.2f} s over {len(ordered)} studies")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         _say("generating sample studies (procedural phantoms, not patients)")
         studies = make_demo_studies(workdir / "studies")
         for s in studies:
-            truth = f"true bleed {s.true_bleed_ml:.1f} mL" if s.true_bleed_ml else "no bleed"
+            truth = (f"true bleed {s.true_bleed_ml:.1f} mL" if s.true_bleed_ml
+                     else f"expected {s.expected_urgency}")
             print(f"  {s.name:18} {s.instances:3} instances  {truth}")
         _say("sending with storescu: to Orthanc (the archive) and to the node (PACS forward)")
         sent_at = time.monotonic()
@@ -85,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             storescu(s.folder, node.dicom_port)
             print(f"  sent {s.name}")
         _say("waiting for the node (quiet period, inference, delivery)")
-        for s in studies:
-            node.wait_for_study(s.study_instance_uid, timeout=600)
+        items = [node.wait_for_study(s.study_instance_uid, timeout=600) for s in studies]
         print(f"  all {len(studies)} studies settled {time.monotonic() - sent_at:.1f} s "
               "after the first send")
+        _time_to_flag(studies, items, node.config)
         _say("worklist (triage-node worklist)")
         subprocess.run([sys.executable, "-m", "triage_node.cli.main", "worklist",
                         "--data-dir", str(node.data_dir), "--width", "150"], cwd=REPO,

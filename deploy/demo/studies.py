@@ -8,6 +8,7 @@ from pathlib import Path
 import pydicom
 
 from trainers.phantoms.chest_ct import generate_chest_ct
+from trainers.phantoms.chest_xr import generate_chest_xr, write_chest_radiograph
 from trainers.phantoms.dicom import write_ct_series
 from trainers.phantoms.head_ct import generate_head_ct
 
@@ -58,8 +59,24 @@ def make_study(name: str, out_dir: Path, *, seed: int, bleed_ml: float | None,
     return DemoStudy(name, folder, expected, true_ml, len(paths), study_uid)
 
 
+def make_radiograph(name: str, out_dir: Path, *, seed: int, pneumothorax_size: float | None,
+                    patient_name: str, patient_id: str, accession_number: str) -> DemoStudy:
+    """One frontal chest radiograph (DX, 1024×1024), with a pneumothorax when a size is given."""
+    folder = out_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    image, _, info = generate_chest_xr(seed, shape=(1024, 1024),
+                                       pneumothorax_size=pneumothorax_size)
+    path = write_chest_radiograph(image, info["pixel_spacing_mm"], folder / "DX0001.dcm",
+                                  modality="DX", patient_name=patient_name,
+                                  patient_id=patient_id, accession_number=accession_number)
+    study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    return DemoStudy(name, folder, "critical" if pneumothorax_size is not None else "negative",
+                     None, 1, study_uid)
+
+
 def make_demo_studies(out_dir: Path) -> list[DemoStudy]:
-    """Three head CTs (a large bleed, a small bleed, a normal) and a chest CT no rule takes."""
+    """Three head CTs (a large bleed, a small bleed, a normal), a chest CT no rule takes and a
+    chest radiograph with a pneumothorax."""
     return [
         make_study("head-large-bleed", out_dir, seed=101, bleed_ml=25.0,
                    patient_name="DEMO^LARGE", patient_id="DEMO-0101",
@@ -73,4 +90,7 @@ def make_demo_studies(out_dir: Path) -> list[DemoStudy]:
         make_study("chest", out_dir, seed=104, bleed_ml=None, kind="chest",
                    patient_name="DEMO^CHEST", patient_id="DEMO-0104",
                    accession_number="DEMOACC0104"),
+        make_radiograph("chest-xr-pneumothorax", out_dir, seed=105, pneumothorax_size=0.7,
+                        patient_name="DEMO^XRAY", patient_id="DEMO-0105",
+                        accession_number="DEMOACC0105"),
     ]

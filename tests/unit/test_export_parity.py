@@ -141,8 +141,8 @@ def test_engine_loads_once_with_requested_threads(manifest: Manifest) -> None:
 
 
 def test_unknown_engine_kind_and_bad_input_are_errors(manifest: Manifest) -> None:
-    with pytest.raises(ConfigError, match="tensorrt"):
-        load_engine("tensorrt", manifest.engine_path(ENGINE_DIR), threads=1)
+    with pytest.raises(ConfigError, match="openvino"):  # tensorrt is a kind now (engines.md)
+        load_engine("openvino", manifest.engine_path(ENGINE_DIR), threads=1)
     engine = load_engine("onnxruntime", manifest.engine_path(ENGINE_DIR), threads=1)
     with pytest.raises(InferenceError, match="inference failed"):
         engine.run(np.zeros((1, 16, 32, 32), np.float32))  # no channel axis
