@@ -77,8 +77,7 @@ from triage_node.detectors.transforms import (
     build_preprocessing,
 )
 
-_MAX_COORDS_PER_NODULE = 512
-_POSITIVE_OCCUPANCY = 0.25
+_MAX_POSITIVE_COORDS = 4096
 
 
 # --- cases ------------------------------------------------------------------------------------
@@ -282,30 +281,12 @@ def _crop_start(
     return int(start[0]), int(start[1]), int(start[2])
 
 
-def _nodule_coords(target: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-    """Voxel coordinates of each nodule of a soft target, at most 512 per nodule.
-
-    Small nodules keep occupancies under 0.5 after area resizing, so a nodule is any
-    26-connected region of occupancy at least 0.25.
-    """
-    labels, _ = ndimage.label(target >= _POSITIVE_OCCUPANCY, structure=np.ones((3, 3, 3)))
-    out = []
-    for k, where in enumerate(ndimage.find_objects(labels), start=1):
-        if where is None:
-            continue
-        found = np.argwhere(labels[where] == k) + np.array([s.start for s in where])
-        if len(found) > _MAX_COORDS_PER_NODULE:
-            found = found[rng.choice(len(found), _MAX_COORDS_PER_NODULE, replace=False)]
-        out.append(found)
-    return out
-
-
 def _batch(
     rng: np.random.Generator,
     recipe: NoduleRecipe,
     images: np.ndarray,
     targets: np.ndarray,
-    positives: list[list[np.ndarray]],
+    positives: list[np.ndarray],
     decoys: list[np.ndarray],
     indices: np.ndarray,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,10 +296,8 @@ def _batch(
     for i in indices:
         draw = rng.random()
         centre: np.ndarray | None = None
-        if draw < spec.positive_crop_fraction and positives[i]:
-            # A nodule first, then a voxel in it: small nodules are seen as often as masses.
-            nodule = positives[i][rng.integers(len(positives[i]))]
-            centre = nodule[rng.integers(len(nodule))]
+        if draw < spec.positive_crop_fraction and len(positives[i]):
+            centre = positives[i][rng.integers(len(positives[i]))]
         elif draw >= 1.0 - spec.decoy_crop_fraction and len(decoys[i]):
             centre = decoys[i][rng.integers(len(decoys[i]))]
         z, y, x = _crop_start(rng, images.shape[1:], spec.crop, centre)
@@ -358,7 +337,12 @@ def train_nodules(
     images, targets, meta = train_cache.load()
     val_images, val_targets, _ = val_cache.load()
     prng = np.random.default_rng([seed, 99])
-    positives = [_nodule_coords(target, prng) for target in targets]
+    positives = []
+    for target in targets:
+        found = np.argwhere(target >= 0.5)
+        if len(found) > _MAX_POSITIVE_COORDS:
+            found = found[prng.choice(len(found), _MAX_POSITIVE_COORDS, replace=False)]
+        positives.append(found)
     decoys = [np.array(m["decoy_points"], dtype=float).reshape(-1, 3) for m in meta]
     with_nodules = sum(1 for m in meta if m["nodules"])
     console.log(

@@ -231,7 +231,7 @@ def test_system_and_rerun(node: Node, client: TestClient) -> None:
     assert system["queue"] == {"queued": 1, "running": 0}
     assert system["errors_last_hour"] == {"InferenceError": 1}
     assert system["throughput_last_hour"]["studies_failed"] == 1
-    assert system["receiver"]["processes_configured"] == 2
+    assert system["receiver"]["processes_configured"] == node.config.dicom.receiver_processes
     assert system["outbox"]["dead"] == 0
     assert system["worklist"]["negative"] == 1
     assert client.get(f"/api/worklist/{key}", headers=DR_A).json()["status"] == "queued"

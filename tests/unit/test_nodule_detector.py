@@ -12,6 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from trainers.phantoms.chest_ct import NodulePlan, generate_chest_ct
+from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import DetectorConfig
 from triage_node.detectors.findings import Urgency
 from triage_node.detectors.nodules import (
@@ -27,6 +28,7 @@ from triage_node.errors import ConfigError
 from triage_node.imaging.loader import load_series
 from triage_node.imaging.volume import Volume
 from triage_node.node import build_detector
+from triage_node.results import AlgorithmInfo, DeviceInfo, encode_results
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_DIR = ROOT / "fixtures" / "engines" / "ct-chest-nodule"
@@ -121,19 +123,32 @@ def test_small_nodule_only_is_routine(detector: NoduleDetector) -> None:
     assert all(f.measurements["long_axis_diameter_mm"] < 30.0 for f in result.findings)
 
 
-def test_chest_with_decoy_vessels_only_is_negative(detector: NoduleDetector) -> None:
+def test_chest_with_decoy_vessels_only_is_not_flagged(detector: NoduleDetector) -> None:
+    """Decoy vessels may yield small false positives (about one per scan on the held-out
+    set, see the model card) but never a mass."""
     hu, info = generate_chest_ct(
         np.random.default_rng([79, 3]), nodules=NodulePlan(decoy_trees=6), **GRID
     )
     assert len(info["decoys"]) >= 9
     result = detector.run(_volume(hu, info))
+    assert result.urgency in (Urgency.NEGATIVE, Urgency.ROUTINE)
+    assert all(f.measurements["long_axis_diameter_mm"] < 15.0 for f in result.findings)
+
+
+def test_plain_chest_is_negative(detector: NoduleDetector) -> None:
+    """A chest without nodules or decoys on a common 2.5 mm, 512 × 512 grid."""
+    hu, info = generate_chest_ct(1, shape=(120, 512, 512), spacing=(2.5, 0.78, 0.78))
+    result = detector.run(_volume(hu, info))
     assert result.urgency is Urgency.NEGATIVE and not result.findings
 
 
-def test_plain_demo_chest_has_no_mass(detector: NoduleDetector) -> None:
-    hu, info = generate_chest_ct(104, shape=(64, 256, 256), spacing=(5.0, 1.56, 1.56))
+def test_demo_chest_is_not_flagged(detector: NoduleDetector) -> None:
+    """The demo's chest CT (seed 104, 48 × 512 × 512, 5 mm slices): its thick-slice vessel
+    texture can give a small false positive, never a mass."""
+    hu, info = generate_chest_ct(104, shape=(48, 512, 512), spacing=(5.0, 0.7, 0.7))
     result = detector.run(_volume(hu, info))
     assert result.urgency is not Urgency.URGENT
+    assert all(f.measurements["long_axis_diameter_mm"] < 15.0 for f in result.findings)
 
 
 def test_real_ct_file_runs_through_the_detector(detector: NoduleDetector) -> None:
@@ -168,3 +183,27 @@ def test_a_plain_segmentation_manifest_is_refused(tmp_path: Path) -> None:
     assert isinstance(SegmentationDetector(folder / "manifest.json"), SegmentationDetector)
     with pytest.raises(ConfigError, match="urgent_diameter_mm"):
         NoduleDetector(ENGINE_DIR / "manifest.json", urgent_diameter_mm=0.0)
+
+
+def test_nodule_findings_encode_as_seg_and_sr(detector: NoduleDetector, tmp_path: Path) -> None:
+    """One SEG segment and one SR measurement group per nodule, with its side."""
+    plan = NodulePlan(diameters_mm=(33.0, 16.0), decoy_trees=2, juxtapleural_fraction=0.0)
+    hu, info = generate_chest_ct(np.random.default_rng([80, 4]), nodules=plan,
+                                 shape=(48, 256, 256), spacing=(5.0, 1.56, 1.56))
+    paths = write_ct_series(
+        hu, (5.0, 1.56, 1.56), tmp_path / "ct", patient_name="PHANTOM^NODULE",
+        patient_id="NODULE", accession_number="NOD1", study_description="CT CHEST",
+        series_description="Axial 5mm lung", body_part_examined="CHEST",
+        origin=(float(info["origin"][0]), float(info["origin"][1]), float(info["origin"][2])))
+    volume = load_series(paths)
+    result = detector.run(volume)
+    assert result.urgency is Urgency.URGENT and len(result.findings) >= 2
+    algorithm = AlgorithmInfo.from_manifest(detector.manifest, DeviceInfo(serial_number="T1"))
+    objects = encode_results(volume, result, algorithm)
+    seg = next(ds for ds in objects if ds.Modality == "SEG")
+    sr = next(ds for ds in objects if ds.Modality == "SR")
+    assert len(seg.SegmentSequence) == len(result.findings)
+    text = str(sr)
+    assert "Pulmonary nodule" in text
+    sides = {f.anatomic_region.meaning for f in result.findings if f.anatomic_region}
+    assert sides and all(side in text for side in sides)
