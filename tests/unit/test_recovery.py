@@ -31,8 +31,8 @@ def test_unclean_stop_reindexes_spooled_files_and_clears_partials(tmp_path: Path
     header = read_header(data)
     # Spooled and renamed, then killed before the index row was committed.
     spool.store(index.keys.study_key(header.study_uid), header.sop_instance_uid, data)
-    partial = spool.incoming()
-    partial.write(b"half an instance")
+    # A previous run's partial instance (never acknowledged).
+    (spool.incoming_dir / "123-456-789.part").write_bytes(b"half an instance")
     (tmp_path / MARKER).write_text("running")
 
     report = recover(tmp_path, spool, index)

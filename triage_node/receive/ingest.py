@@ -105,11 +105,11 @@ class Ingestor:
         the sender keeps responsibility for it.
         """
         try:
-            # Still in the page cache: reading it back costs a memory copy, not a disk read.
-            data = incoming.path.read_bytes()
-        except OSError as exc:
+            # Mapped from the page cache: the header is parsed in place, nothing is copied.
+            data = incoming.map()
+        except (OSError, ValueError) as exc:
             incoming.discard()
-            return self._write_failed(exc)
+            return self._write_failed(exc if isinstance(exc, OSError) else OSError(str(exc)))
         try:
             header = read_header(data, self.limits)
         except UnusableDicomError as exc:
@@ -123,6 +123,8 @@ class Ingestor:
         except InvalidDicomError as exc:
             incoming.discard()
             return self._unreadable(exc, source)
+        finally:
+            data.close()
         study_key = self.index.keys.study_key(header.study_uid)
         try:
             spooled = self.spool.adopt(incoming, study_key, header.sop_instance_uid)

@@ -22,6 +22,7 @@ an instance unusable (PS3.5 6.1.2.3 leaves unknown repertoires to the receiver).
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 
@@ -44,6 +45,10 @@ _SUPPORTED_BITS_ALLOCATED = frozenset({1, 8, 16, 32, 64})
 _UNDEFINED = 0xFFFFFFFF
 
 _lock = threading.Lock()
+
+Received = bytes | mmap.mmap
+"""The received bytes: in memory (STOW-RS) or mapped from the spooled file (C-STORE)."""
+
 _limits = LimitsConfig()
 
 
@@ -68,7 +73,7 @@ def _int(ds: FileDataset, keyword: str, default: int | None = None) -> int | Non
         raise UnusableDicomError(f"{keyword} is not an integer") from exc
 
 
-def _check_header_complete(ds: FileDataset, data: bytes) -> None:
+def _check_header_complete(ds: FileDataset, data: Received) -> None:
     """The element read last must end where the bytes end (when there is no pixel data)."""
     tags = ds.keys()
     if not tags:
@@ -87,7 +92,7 @@ def _check_header_complete(ds: FileDataset, data: bytes) -> None:
             f"({last.tag.group:04X},{last.tag.element:04X})")
 
 
-def _pixel_element(data: bytes, at: int, implicit: bool,
+def _pixel_element(data: Received, at: int, implicit: bool,
                    little: bool) -> tuple[str, int, int]:
     """(keyword, value length, value offset) of the pixel data element starting at ``at``."""
     e = "<" if little else ">"
@@ -107,7 +112,7 @@ def _pixel_element(data: bytes, at: int, implicit: bool,
     return keyword, struct.unpack_from(e + "H", data, at + 6)[0], at + 8
 
 
-def _check_encapsulated(data: bytes, offset: int) -> None:
+def _check_encapsulated(data: Received, offset: int) -> None:
     """Walk the fragment items (PS3.5 A.4) to the sequence delimiter; O(frames), no copying."""
     end = len(data)
     while True:
@@ -158,7 +163,7 @@ def _check_geometry(ds: FileDataset, keyword: str, limits: LimitsConfig) -> int:
     return (total + 7) // 8 if bits == 1 else total * (bits // 8)
 
 
-def check_received(ds: FileDataset, data: bytes, stop_offset: int,
+def check_received(ds: FileDataset, data: Received, stop_offset: int,
                    limits: LimitsConfig | None = None) -> None:
     """Decide whether the parsed instance ``ds`` (read from ``data``) can be used.
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -23,7 +24,7 @@ from pydicom.tag import BaseTag
 
 from triage_node.config.models import LimitsConfig
 from triage_node.errors import InvalidDicomError, UnusableDicomError
-from triage_node.receive.validate import check_received
+from triage_node.receive.validate import Received, check_received
 from triage_node.spool.store import SpooledFile
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
@@ -156,7 +157,7 @@ class InstanceHeader:
     attributes: dict[str, str | list[str]]
 
 
-def read_header(data: bytes, limits: LimitsConfig | None = None) -> InstanceHeader:
+def read_header(data: Received, limits: LimitsConfig | None = None) -> InstanceHeader:
     """Parse the header of a Part 10 byte stream.
 
     Raises :class:`InvalidDicomError` when it cannot be parsed (or the header is cut short),
@@ -164,7 +165,9 @@ def read_header(data: bytes, limits: LimitsConfig | None = None) -> InstanceHead
     needs is missing, or :func:`~triage_node.receive.validate.check_received` refuses the pixel
     data or the geometry (with ``limits``, default: the configured ones). The message names what.
     """
-    fp = io.BytesIO(data)
+    # A mapped file is read in place: no copy of the pixel data on the receive path.
+    fp = cast(BinaryIO, data if isinstance(data, mmap.mmap) else io.BytesIO(data))
+    fp.seek(0)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except (PydicomInvalidDicomError, EOFError, ValueError, KeyError, OSError,

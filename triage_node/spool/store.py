@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,61 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _create_part(folder: Path) -> tuple[Path, int]:
+    path = folder / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+
+class _PartPool:
+    """Empty ``.part`` files created ahead of need by a background thread.
+
+    Creating a file waits on the file system's journal, which an ``fdatasync`` on another
+    association may be committing at that moment; done ahead, it overlaps the network wait
+    instead of delaying the next instance. Started on first use, i.e. after the spool's
+    recovery has cleared ``incoming/``.
+    """
+
+    def __init__(self, folder: Path, size: int = 8) -> None:
+        self.folder = folder
+        self._ready: queue.Queue[tuple[Path, int]] = queue.Queue(maxsize=size)
+        self._thread = threading.Thread(target=self._fill, name="spool-part-pool", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        while True:
+            try:
+                created = _create_part(self.folder)
+            except OSError:
+                time.sleep(1.0)  # the disk is unwell: take() creates (and reports) itself
+                continue
+            self._ready.put(created)
+
+    def take(self) -> tuple[Path, int]:
+        try:
+            return self._ready.get_nowait()
+        except queue.Empty:
+            return _create_part(self.folder)
+
+
+class _DirSync:
+    """fsync of folders through a small cache of open folder descriptors."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path) -> None:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            self._fds[path] = fd
+            while len(self._fds) > self._size:
+                os.close(self._fds.popitem(last=False)[1])
+        os.fsync(fd)
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -64,9 +122,9 @@ class IncomingFile:
     a crash are removed when the spool opens: the sender was not told Success for them.
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    def __init__(self, folder: Path, created: tuple[Path, int] | None = None) -> None:
+        self.path, fd = created or _create_part(folder)
+        self._fd: int | None = fd
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -78,6 +136,13 @@ class IncomingFile:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+
+    def map(self) -> mmap.mmap:
+        """The bytes written so far, mapped read-only (an empty file cannot be mapped)."""
+        if self.size == 0:
+            raise ValueError("nothing was received")
+        with self.path.open("rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     @property
     def sha256(self) -> str:
@@ -123,12 +188,17 @@ class Spool:
         (root / "quarantine").mkdir(parents=True, exist_ok=True)
         self.incoming_dir = root / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._pool: _PartPool | None = None
+        self._pool_lock = threading.Lock()
+        self._sync_dir = _DirSync()
 
     def clear_incoming(self) -> int:
         """Remove partial files a previous run left (never acknowledged); returns how many.
 
         Only this process's receiver writes here, so call it before the receiver starts.
         """
+        if self._pool is not None:
+            raise RuntimeError("clear_incoming after receiving started would remove live files")
         removed = 0
         for leftover in self.incoming_dir.glob("*.part"):
             leftover.unlink(missing_ok=True)
@@ -136,7 +206,10 @@ class Spool:
         return removed
 
     def incoming(self) -> IncomingFile:
-        return IncomingFile(self.incoming_dir)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = _PartPool(self.incoming_dir)
+        return IncomingFile(self.incoming_dir, self._pool.take())
 
     def _relative(self, study_key: str, sop_instance_uid: str, content_hash: str) -> str:
         name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
@@ -164,9 +237,9 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         incoming.move(path)
         incoming.seal()
-        _fsync_dir(folder)
+        self._sync_dir(folder)
         if new_folder:
-            _fsync_dir(folder.parent)
+            self._sync_dir(folder.parent)
         return SpooledFile(relative, sha256, incoming.size, already_present=False)
 
     def quarantine_incoming(self, incoming: IncomingFile, reason: str,
@@ -178,7 +251,7 @@ class Spool:
         write_durably(path.with_suffix(".reason.json"), json.dumps(record, indent=2).encode())
         incoming.move(path)
         incoming.seal()
-        _fsync_dir(path.parent)
+        self._sync_dir(path.parent)
         return path
 
     def store(self, study_key: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
