@@ -368,3 +368,56 @@ def test_algorithm_info_from_manifest() -> None:
     assert (info.name, info.version) == (DETECTOR, "1.2.0")
     assert info.target_findings == (HEMORRHAGE,)
     assert info.parameters == (("probability_threshold", "0.5"),)
+
+
+def test_diameters_and_laterality_are_coded_measurements(
+        volume: Volume, mask: np.ndarray, tmp_path: Path) -> None:
+    finding = hemorrhage_finding(mask, volume)
+    finding.measurements = {"long_axis_diameter_mm": 31.456, "short_axis_diameter_mm": 18.0,
+                            "peak_row": 12.0}
+    finding.anatomic_region = Code("39607008", "SCT", "Lung structure")
+    finding.laterality = Code("7771000", "SCT", "Left")
+    objects = encode_results(volume, detector_result([finding]), algorithm_info())
+    sr = next(ds for ds in objects if ds.Modality == "SR")
+    path = _save_and_validate(sr, tmp_path / "diameters.dcm")
+    (long_axis,) = _by_concept(sr, "103339001")
+    value = long_axis.MeasuredValueSequence[0]
+    assert (float(value.NumericValue), value.MeasurementUnitsCodeSequence[0].CodeValue) == (
+        pytest.approx(31.46), "mm")
+    assert len(_by_concept(sr, "103340004")) == 1
+    (group,) = _report(hd.sr.srread(path)).get_volumetric_roi_measurement_groups()
+    (site,) = group.finding_sites
+    assert site.value.value == "39607008"
+    lateralities = [item for item in _items(sr.ContentSequence)
+                    if "ConceptNameCodeSequence" in item
+                    and item.ConceptNameCodeSequence[0].CodeValue == "272741003"]
+    assert lateralities[0].ConceptCodeSequence[0].CodeValue == "7771000"
+    # A key with no coded concept (a pixel index) is not written as a measurement.
+    assert all(m.name.value != "peak_row" for m in group.get_measurements())
+
+
+def test_radiograph_finding_has_its_region_as_scoord(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from triage_node.imaging.loader import load_series
+
+    source = Path(str(get_testdata_file("RG1_UNCI.dcm", download=False)))
+    radiograph = load_series([source])
+    finding = Finding("pneumothorax", Code("36118008", "SCT", "Pneumothorax"),
+                      Code("49755003", "SCT", "Morphologically Altered Structure"), 0.97,
+                      "cxr/pneumothorax",
+                      measurements={"region_row_min": 100.0, "region_row_max": 299.0,
+                                    "region_column_min": 40.0, "region_column_max": 139.0,
+                                    "region_area_mm2": 1234.5})
+    objects = encode_results(radiograph, detector_result([finding]), algorithm_info())
+    sr = next(ds for ds in objects if ds.Modality == "SR")
+    path = _save_and_validate(sr, tmp_path / "region.dcm")
+    (group,) = _report(hd.sr.srread(path)).get_planar_roi_measurement_groups()
+    region = group.roi
+    assert region is not None and region.GraphicType == "POLYLINE"
+    corners = np.asarray(region.GraphicData, dtype=float).reshape(-1, 2)
+    assert corners.tolist() == [[40, 100], [140, 100], [140, 300], [40, 300], [40, 100]]
+    (image,) = region.ContentSequence
+    ref = image.ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == radiograph.source_datasets[0].SOPInstanceUID
+    assert len(_by_concept(sr, "42798000")) == 1  # the region's area

@@ -12,12 +12,18 @@ Content tree (``hd.sr.MeasurementReport``):
     finding site, ``referenced_segment`` pointing at the SEG segment (and through it the
     source images), the algorithm (TID 4019), and measurements "Volume" in UCUM ``ml`` and
     "Certainty of Finding" (DCM 111012, CID 6048) holding the score in ``{probability}``;
-  - a finding without a mask → TID 1501 group with the same items but no ROI reference.
+  - a finding without a mask on a radiograph, with a region (a heatmap's peak region) → TID
+    1410 Planar ROI group whose region is a SCOORD POLYLINE rectangle on the source image;
+  - any other finding without a mask → TID 1501 group with the same items but no ROI.
+
+  Finding sites carry the finding's laterality as a concept modifier; the measurements
+  "Long Axis" / "Short Axis" (mm) and "Area" (mm²) are written when the detector gives them
+  (``CODED_MEASUREMENTS``).
 
 * "Qualitative Evaluations" (row 12, report level) with a TEXT "Comment" saying the result
   is for triage, not diagnosis (row 14 allows free text about the whole subject).
 
-Free-form ``Finding.measurements`` and ``centroid_mm`` are not written: they carry no coded
+Other ``Finding.measurements`` keys and ``centroid_mm`` are not written: they carry no coded
 concept or unit to write them with.
 
 Negative study (no findings) — what the SR says and why:
@@ -72,6 +78,20 @@ _PROCEDURE_BY_MODALITY: dict[str, Code] = {
     "NM": Code("49118-3", "LN", "NM unspecified body region"),
 }
 _IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+
+_MILLIMETRE = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
+#: ``Finding.measurements`` keys written as coded TID 1419 measurements (concepts of PS3.16
+#: CID 7470 "Linear Measurements" / CID 7471 "Area Measurements") with their UCUM unit; the
+#: other keys (probabilities, pixel indices) have no concept and stay out of the SR.
+CODED_MEASUREMENTS: dict[str, tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]] = {
+    "long_axis_diameter_mm": (hd.sr.CodedConcept("103339001", "SCT", "Long Axis"),
+                              _MILLIMETRE),
+    "short_axis_diameter_mm": (hd.sr.CodedConcept("103340004", "SCT", "Short Axis"),
+                               _MILLIMETRE),
+    "region_area_mm2": (hd.sr.CodedConcept("42798000", "SCT", "Area"),
+                        hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")),
+}
+_REGION_KEYS = ("region_row_min", "region_row_max", "region_column_min", "region_column_max")
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
 
 
@@ -118,6 +138,7 @@ class SrEncoder:
 
         groups: list[
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+            | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
             | hd.sr.MeasurementsAndQualitativeEvaluations
         ] = []
         for finding in result.findings:
@@ -187,6 +208,7 @@ class SrEncoder:
         algorithm_id: hd.sr.AlgorithmIdentification,
     ) -> (
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ):
         where = f"SR group for finding {finding.tracking_id!r}"
@@ -206,6 +228,12 @@ class SrEncoder:
                     algorithm_id=algorithm_id,
                 )
             ]
+            for key, (concept, unit) in CODED_MEASUREMENTS.items():
+                value = finding.measurements.get(key)
+                if value is not None and np.isfinite(value):
+                    measurements.insert(len(measurements) - 1, hd.sr.Measurement(
+                        name=concept, value=round(float(value), 2), unit=unit,
+                        algorithm_id=algorithm_id))
             if volume_ml is not None:
                 measurements.insert(
                     0,
@@ -219,12 +247,27 @@ class SrEncoder:
                     ),
                 )
             sites = (
-                [hd.sr.FindingSite(coded(finding.anatomic_region, f"{where}: anatomic_region"))]
+                [hd.sr.FindingSite(
+                    coded(finding.anatomic_region, f"{where}: anatomic_region"),
+                    laterality=(coded(finding.laterality, f"{where}: laterality")
+                                if finding.laterality is not None else None))]
                 if finding.anatomic_region is not None
                 else None
             )
             finding_type = coded(finding.finding_type, f"{where}: Finding.finding_type")
             category = coded(finding.category, f"{where}: Finding.category")
+            region = _image_region(finding, volume) if mask is None else None
+            if region is not None:
+                # TID 1410: the region of a projection image the finding is in (SCOORD).
+                return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=region,
+                    finding_type=finding_type,
+                    finding_category=category,
+                    algorithm_id=algorithm_id,
+                    finding_sites=sites,
+                    measurements=measurements,
+                )
             if mask is None:
                 return hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
@@ -303,6 +346,26 @@ class SrEncoder:
             ]
         )
         return container
+
+
+def _image_region(finding: Finding, volume: Volume) -> hd.sr.ImageRegion | None:
+    """The finding's bounding rectangle on a one-image volume (a radiograph), as a closed
+    SCOORD POLYLINE in image pixel coordinates (PS3.3 C.18.6.1.1: the top-left corner of the
+    top-left pixel is 0,0), or None when the finding has no region or the volume is 3-D."""
+    if volume.shape[0] != 1 or not all(k in finding.measurements for k in _REGION_KEYS):
+        return None
+    r0, r1, c0, c1 = (finding.measurements[k] for k in _REGION_KEYS)
+    top, bottom, left, right = float(r0), float(r1) + 1.0, float(c0), float(c1) + 1.0
+    corners = np.array([[left, top], [right, top], [right, bottom], [left, bottom],
+                        [left, top]], dtype=float)
+    source = volume.source_datasets[0]
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=corners,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID)),
+    )
 
 
 def _image_library(volume: Volume) -> hd.sr.ContainerContentItem:
