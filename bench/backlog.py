@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                  for i in items]
     med_idle = statistics.median(idle)
     ratio = loaded / med_idle
-    print(f"\nBacklog, one worker + one stat lane: {HEAD_GRID[0]}×{HEAD_GRID[1]}×{HEAD_GRID[2]} head CT (stat) "
+    grid = "×".join(str(n) for n in HEAD_GRID)
+    print(f"\nBacklog, one worker + one stat lane: {grid} head CT (stat) "
           f"behind {len(chests)} routine 48×512×512 chest CTs (sent in {sent_chest:.1f} s)")
     print(f"  head CT time to flag, idle node        median {med_idle:7.2f} s   "
           f"(runs: {', '.join(f'{v:.2f}' for v in idle)})")
