@@ -15,6 +15,7 @@ from triage_node.config.models import DetectorConfig, NodeConfig
 from triage_node.deliver.destinations import build_destinations
 from triage_node.deliver.outbox import Destination, Outbox
 from triage_node.detectors.classification import ClassificationDetector
+from triage_node.detectors.engines import EngineOptions
 from triage_node.detectors.findings import DetectorResult
 from triage_node.detectors.manifest import Manifest, load_manifest
 from triage_node.detectors.nodules import NoduleDetector
@@ -70,13 +71,16 @@ def build_detector(cfg: DetectorConfig) -> DetectorRuntime:
     """The detector a config describes, by its manifest's task (segmentation, classification)
     and segmentation postprocessing (``nodules``: one finding per nodule)."""
     manifest = load_manifest(cfg.manifest, verify=False)  # the detector verifies the engine
+    options = EngineOptions(fp16=cfg.gpu.fp16, tensorrt_provider=cfg.gpu.tensorrt_provider,
+                            device_id=cfg.gpu.device_id, cache_dir=cfg.gpu.cache_dir)
     if manifest.task == "classification":
-        return ClassificationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads)
+        return ClassificationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
+                                      engine_options=options)
     if manifest.postprocess == "nodules":
         return NoduleDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
-                              urgent_diameter_mm=cfg.urgent_diameter_mm)
+                              urgent_diameter_mm=cfg.urgent_diameter_mm, engine_options=options)
     return SegmentationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
-                                critical_volume_ml=cfg.critical_volume_ml)
+                                critical_volume_ml=cfg.critical_volume_ml, engine_options=options)
 
 
 class Node:

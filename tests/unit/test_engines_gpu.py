@@ -250,6 +250,17 @@ def test_onnxruntime_gpu_kind_fails_loudly_without_its_providers() -> None:
     cfg = DetectorConfig(name="head", manifest=HEAD / "manifest.json", engine="onnxruntime-gpu")
     with pytest.raises(InferenceError, match=ORT_CUDA_PROVIDER):
         build_detector(cfg)
+    # The detector YAML's gpu: section reaches the engine.
+    cuda_only = DetectorConfig.model_validate(
+        {"name": "head", "manifest": HEAD / "manifest.json", "engine": "onnxruntime-gpu",
+         "gpu": {"tensorrt_provider": False, "device_id": 0}})
+    with pytest.raises(InferenceError, match=ORT_CUDA_PROVIDER) as refused:
+        build_detector(cuda_only)
+    assert "Tensorrt" not in str(refused.value)
+    with pytest.raises(ValueError, match="fp16 needs tensorrt_provider"):
+        DetectorConfig.model_validate(
+            {"name": "head", "manifest": HEAD / "manifest.json", "engine": "onnxruntime-gpu",
+             "gpu": {"fp16": True, "tensorrt_provider": False}})
 
 
 @needs_no_tensorrt

@@ -461,6 +461,25 @@ class NodeConfig(_Strict):
         return self
 
 
+class GpuEngineConfig(_Strict):
+    """``gpu:`` in a detector YAML; see docs/engines.md."""
+
+    fp16: bool = False
+    """``onnxruntime-gpu``: let the TensorRT provider build FP16 kernels."""
+    tensorrt_provider: bool = True
+    """``onnxruntime-gpu``: try the TensorRT provider before CUDA; false = CUDA only."""
+    device_id: int = Field(default=0, ge=0)
+    cache_dir: Path | None = None
+    """``onnxruntime-gpu``: where the TensorRT provider caches the engines it builds."""
+
+    @model_validator(mode="after")
+    def _fp16_needs_tensorrt(self) -> GpuEngineConfig:
+        if self.fp16 and not self.tensorrt_provider:
+            raise ValueError("fp16 needs tensorrt_provider: true (the CUDA provider runs the "
+                             "ONNX graph in its own precision)")
+        return self
+
+
 class DetectorConfig(_Strict):
     """One detector as the node runs it (``conf/detectors/NAME.yaml``)."""
 
@@ -470,6 +489,8 @@ class DetectorConfig(_Strict):
     engine: Literal["onnxruntime", "onnxruntime-gpu", "tensorrt", "pytorch"] = "onnxruntime"
     """Which engine runs the network (docs/engines.md); the same values as
     ``triage_node.detectors.engines.ENGINE_KINDS``."""
+    gpu: GpuEngineConfig = Field(default_factory=lambda: GpuEngineConfig())
+    """Settings of the GPU engine kinds (ignored by ``onnxruntime`` on CPU)."""
     threads: int = Field(default=2, ge=1, le=64)
     critical_volume_ml: float = Field(default=1.0, ge=0)
     """A finding at or above this volume makes the study ``critical`` (segmentation

@@ -34,7 +34,7 @@ import numpy as np
 import structlog
 from scipy import ndimage
 
-from triage_node.detectors.engines import Engine, load_engine
+from triage_node.detectors.engines import Engine, EngineOptions, load_engine
 from triage_node.detectors.findings import DetectorResult, Finding, Urgency
 from triage_node.detectors.manifest import ClassificationSpec, Manifest, load_manifest
 from triage_node.detectors.transforms import (
@@ -102,7 +102,8 @@ class ClassificationDetector:
     """
 
     def __init__(
-        self, manifest_path: Path, *, engine_kind: str = "onnxruntime", threads: int = 2
+        self, manifest_path: Path, *, engine_kind: str = "onnxruntime", threads: int = 2,
+        engine_options: EngineOptions | None = None,
     ) -> None:
         self.manifest_path = Path(manifest_path)
         self.manifest: Manifest = load_manifest(self.manifest_path, verify=True)
@@ -120,7 +121,8 @@ class ClassificationDetector:
             )
         self.label = self.manifest.labels[0]
         self.engine: Engine = load_engine(
-            engine_kind, self.manifest.engine_path(self.manifest_path.parent), threads
+            engine_kind, self.manifest.engine_path(self.manifest_path.parent), threads,
+            options=engine_options, manifest_path=self.manifest_path,
         )
 
     @property

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from triage_node.detectors.engines import EngineOptions
 from triage_node.detectors.findings import Code, Finding, Urgency
 from triage_node.detectors.manifest import LabelSpec
 from triage_node.detectors.segmentation import (
@@ -115,10 +116,12 @@ class NoduleDetector(SegmentationDetector):
         engine_kind: str = "onnxruntime",
         threads: int = 2,
         urgent_diameter_mm: float = DEFAULT_URGENT_DIAMETER_MM,
+        engine_options: EngineOptions | None = None,
     ) -> None:
         if urgent_diameter_mm <= 0:
             raise ConfigError(f"urgent_diameter_mm must be > 0, got {urgent_diameter_mm}")
-        super().__init__(manifest_path, engine_kind=engine_kind, threads=threads)
+        super().__init__(manifest_path, engine_kind=engine_kind, threads=threads,
+                         engine_options=engine_options)
         if self.manifest.postprocess != "nodules":
             raise ConfigError(
                 f"{self.manifest_path}: postprocess {self.manifest.postprocess!r} is not "

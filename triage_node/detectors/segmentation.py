@@ -29,7 +29,7 @@ import numpy as np
 import structlog
 from scipy import ndimage
 
-from triage_node.detectors.engines import Engine, load_engine
+from triage_node.detectors.engines import Engine, EngineOptions, load_engine
 from triage_node.detectors.findings import DetectorResult, Finding, Urgency
 from triage_node.detectors.manifest import LabelSpec, Manifest, load_manifest
 from triage_node.detectors.transforms import (
@@ -149,6 +149,7 @@ class SegmentationDetector:
         engine_kind: str = "onnxruntime",
         threads: int = 2,
         critical_volume_ml: float = DEFAULT_CRITICAL_VOLUME_ML,
+        engine_options: EngineOptions | None = None,
     ) -> None:
         if critical_volume_ml < 0:
             raise ConfigError(f"critical_volume_ml must be >= 0, got {critical_volume_ml}")
@@ -168,7 +169,8 @@ class SegmentationDetector:
             )
         self._whole_grid = resized is not None
         self.engine: Engine = load_engine(
-            engine_kind, self.manifest.engine_path(self.manifest_path.parent), threads
+            engine_kind, self.manifest.engine_path(self.manifest_path.parent), threads,
+            options=engine_options, manifest_path=self.manifest_path,
         )
 
     @property
