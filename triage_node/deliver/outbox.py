@@ -249,11 +249,13 @@ class Outbox:
         return delivered
 
     def _retract(self, rows: list[sqlite3.Row]) -> None:
-        """Withdraw superseded results, each only once its study's new results are stored."""
+        """Withdraw superseded results, each only once its study's new results are stored
+        there: while a new result is pending — or dead, until an admin resolves it — the
+        earlier one stays, so the viewer is never left with no result at all."""
         for row in rows:
             waiting = self.db.query(
                 "SELECT COUNT(*) FROM outbox WHERE study_uid=? AND destination=?"
-                " AND action='store' AND status='pending'",
+                " AND action='store' AND status IN ('pending', 'dead')",
                 (row["study_uid"], row["destination"]))[0][0]
             if waiting:
                 continue
