@@ -18,7 +18,7 @@ from triage_node.state.db import Database
 
 ACTIONS: frozenset[str] = frozenset({
     "rules.reload", "study.rerun", "study.process", "worklist.claim", "worklist.release",
-    "worklist.read", "feedback", "outbox.retry", "quarantine.retry",
+    "worklist.read", "feedback", "outbox.retry", "quarantine.retry", "notifications.retry",
 })
 SYSTEM_ROLE = "system"
 """Role of entries the node writes itself (a rules file change it noticed, SIGHUP)."""

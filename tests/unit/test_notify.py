@@ -384,3 +384,33 @@ def test_operations_guide_shows_the_default_templates() -> None:
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     for template in (DEFAULT_WEBHOOK_TEMPLATE, DEFAULT_EMAIL_SUBJECT, DEFAULT_EMAIL_BODY):
         assert template in guide
+
+
+def test_notifications_cli_lists_and_revives_dead_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json as _json
+
+    from triage_node.audit import AuditLog
+    from triage_node.cli.main import main
+    from triage_node.state.db import Database
+
+    db = Database(tmp_path / "state.sqlite3")
+    now = time.time()
+    db.connection().execute(
+        "INSERT INTO notifications (study_uid, study_key, channel, kind, tier, context_json,"
+        " status, attempts, next_attempt_at, last_error, created_at) VALUES"
+        " ('1.2.3.4', 's-abc', 'on-call', 'webhook', 'critical', '{}', 'dead', 10, ?,"
+        " 'gave up after 10 attempts: HTTP 503', ?)", (now, now))
+    common = ["--data-dir", str(tmp_path)]
+    assert main(["notifications", "list", "--status", "dead", "--json", *common]) == 0
+    (listed,) = _json.loads(capsys.readouterr().out)
+    assert (listed["study_key"], listed["status"], listed["attempts"]) == ("s-abc", "dead", 10)
+    assert "1.2.3.4" not in _json.dumps(listed)  # no UID
+    assert main(["notifications", "retry", *common]) == 2
+    assert main(["notifications", "retry", "--id", "1", "9", *common]) == 1
+    out = capsys.readouterr()
+    assert "1 dead notification(s) queued again: 1" in out.out
+    assert "notification 9 not retried" in out.err
+    row = db.query("SELECT status, attempts FROM notifications")[0]
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert [e.action for e in AuditLog(db).entries()] == ["notifications.retry"]

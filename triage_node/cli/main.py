@@ -222,6 +222,55 @@ def _outbox_db(args: argparse.Namespace) -> tuple[NodeConfig, Database] | None:
     return config, Database(db_path)
 
 
+def _cmd_notifications_list(args: argparse.Namespace) -> int:
+    from triage_node.notify.queue import list_notifications
+
+    opened = _outbox_db(args)
+    if opened is None:
+        return 2
+    _, db = opened
+    try:
+        records = list_notifications(db, status=args.status, limit=args.limit)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return 0
+    for r in records:
+        when = _fmt_time(r.sent_at if r.status == "sent" else r.next_attempt_at)
+        print(f"{r.id:5}  {r.study_key}  {r.channel:12} {r.tier:9} {r.status:8} "
+              f"tries {r.attempts:2}  {when}  {r.last_error or ''}")
+    print(f"{len(records)} notification(s)")
+    return 0
+
+
+def _cmd_notifications_retry(args: argparse.Namespace) -> int:
+    from triage_node.audit import AuditLog, cli_user
+    from triage_node.notify.queue import retry_dead
+
+    if not (args.ids or args.all_dead):
+        print("triage-node: notifications retry needs --id N... or --all-dead", file=sys.stderr)
+        return 2
+    opened = _outbox_db(args)
+    if opened is None:
+        return 2
+    _, db = opened
+    try:
+        revived = retry_dead(db, ids=args.ids or ())
+        if revived:
+            AuditLog(db).record(user=cli_user(), role="admin", action="notifications.retry",
+                                count=len(revived))
+    finally:
+        db.close()
+    print(f"{len(revived)} dead notification(s) queued again"
+          + (f": {', '.join(map(str, revived))}" if revived else ""))
+    missing = sorted(set(args.ids or ()) - set(revived))
+    for entry_id in missing:
+        print(f"triage-node: notification {entry_id} not retried: not dead or no such id",
+              file=sys.stderr)
+    return 1 if missing else 0
+
+
 def _cmd_outbox_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -493,6 +542,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="dead entries of this destination")
     ob_retry.add_argument("--all-dead", action="store_true", help="every dead entry")
     ob_retry.set_defaults(func=_cmd_outbox_retry)
+
+    notes = sub.add_parser("notifications", help="webhook/e-mail notifications: sent or dead")
+    notes_sub = notes.add_subparsers(dest="notifications_command", required=True)
+    nt_list = notes_sub.add_parser("list", help="list notifications, newest first")
+    add_common(nt_list)
+    nt_list.add_argument("--status", choices=("pending", "sent", "dead"), default=None)
+    nt_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    nt_list.add_argument("--limit", type=int, default=200)
+    nt_list.set_defaults(func=_cmd_notifications_list)
+    nt_retry = notes_sub.add_parser(
+        "retry", help="make dead notifications pending again (the running node sends them)")
+    add_common(nt_retry)
+    nt_retry.add_argument("--id", dest="ids", type=int, nargs="+", default=None, metavar="N")
+    nt_retry.add_argument("--all-dead", action="store_true", help="every dead notification")
+    nt_retry.set_defaults(func=_cmd_notifications_retry)
     return parser
 
 
