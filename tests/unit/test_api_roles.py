@@ -218,6 +218,21 @@ def test_detectors_show_versions_thresholds_and_held_out_metrics(
     assert "history" not in det["training"] and det["training"]["epochs"] == 75
 
 
+def test_nodule_detector_shows_its_diameter_threshold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = ROOT / "fixtures" / "engines" / "ct-chest-nodule" / "manifest.json"
+    (tmp_path / "detectors").mkdir()
+    (tmp_path / "detectors" / "ct-chest-nodule.yaml").write_text(
+        f"name: ct-chest-nodule\nmanifest: {manifest}\nthreads: 1\nurgent_diameter_mm: 25\n")
+    node = make_node(tmp_path, monkeypatch)
+    try:
+        (det,) = TestClient(create_app(node)).get("/api/detectors", headers=AUTH).json()
+    finally:
+        node.db.close()
+    assert det["thresholds"]["urgent_diameter_mm"] == 25
+    assert "critical_volume_ml" not in det["thresholds"]
+
+
 def test_system_and_rerun(node: Node, client: TestClient) -> None:
     key = add_study(node, "3.3", Urgency.NEGATIVE, time.time())
     with node.db.transaction() as conn:

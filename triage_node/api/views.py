@@ -108,8 +108,11 @@ def detectors_view(node: Node) -> list[dict[str, Any]]:
         thresholds: dict[str, Any] = {"probability_threshold": m.probability_threshold}
         if m.task == "segmentation":
             thresholds["min_component_ml"] = m.min_component_ml
+        urgent_diameter = getattr(det, "urgent_diameter_mm", None)
         critical = getattr(det, "critical_volume_ml", None)
-        if critical is not None:
+        if urgent_diameter is not None:  # nodules: the tier follows the diameter, not a volume
+            thresholds["urgent_diameter_mm"] = urgent_diameter
+        elif critical is not None:
             thresholds["critical_volume_ml"] = critical
         if m.classification is not None:
             thresholds["target_sensitivity"] = m.classification.target_sensitivity
