@@ -2,9 +2,10 @@
 
 ::
 
-    python -m trainers train ct-head-hemorrhage [--epochs N --seed S --out DIR]
+    python -m trainers train ct-head-hemorrhage [--epochs N --seed S --out DIR --dataset M]
     python -m trainers export ct-head-hemorrhage [--seed S --out DIR]
     python -m trainers evaluate ct-head-hemorrhage [--engine-dir DIR --cases 50]
+    python -m trainers evaluate ct-head-hemorrhage --dataset M.yaml [--folds K]
     python -m trainers card ct-head-hemorrhage [--engine-dir DIR --out FILE]
     python -m trainers build-engine ct-head-hemorrhage [--fp16|--fp32 --workspace-mb N]
     python -m trainers triton ct-head-hemorrhage --repo DIR [--backend onnxruntime|tensorrt]
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from trainers.datasets import DatasetError, DatasetManifest, read_manifest
 from trainers.recipes import RECIPES, ClassifierRecipe, DetectorRecipe, NoduleRecipe, get_recipe
 from triage_node.detectors.segmentation import DEFAULT_CRITICAL_VOLUME_ML
 
@@ -61,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     train.add_argument("--no-export", action="store_true", help="stop after training")
+    train.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="manifest (YAML/CSV) of your own cases instead of phantoms (docs/training.md)",
+    )
 
     export = sub.add_parser("export", help="re-export the engine from the last checkpoint")
     common(export)
@@ -74,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="held-out phantom seed")
     evaluate.add_argument("--cases", type=int, default=None, help="default: the recipe's (50)")
     evaluate.add_argument("--critical-volume-ml", type=float, default=DEFAULT_CRITICAL_VOLUME_ML)
+    evaluate.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="evaluate on the manifest's test cases instead of phantoms (docs/training.md)",
+    )
+    evaluate.add_argument(
+        "--folds", type=int, default=None, help="with --dataset: stratified k-fold report"
+    )
 
     card = sub.add_parser("card", help="write docs/detectors/NAME.md from the evaluation")
     common(card)
@@ -97,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_dir = args.engine_dir or REPO_ROOT / "fixtures" / "engines" / recipe.name
         return run_gpu_command(args, engine_dir, console)
     torch.set_num_threads(args.threads)
+    dataset = _dataset(args, recipe)
     if isinstance(recipe, ClassifierRecipe):
         return _classification(args, recipe, console)
     if isinstance(recipe, NoduleRecipe):
@@ -119,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             fresh=args.fresh,
             console=console,
+            dataset=dataset,
         )
         console.log(f"training finished in {(time.perf_counter() - started) / 60:.1f} min")
         if not args.no_export:
@@ -138,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.command == "evaluate":
-        from trainers.evaluate import EVALUATION_FILE, evaluate
+        from trainers.evaluate import evaluate
 
         engine_dir = _engine_dir(recipe, args.engine_dir)
         report = evaluate(
@@ -149,8 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             critical_volume_ml=args.critical_volume_ml,
             cases=args.cases,
             console=console,
+            dataset=dataset,
+            folds=args.folds,
         )
         m = report["metrics"]
+        for key, summary in report.get("folds", {}).get("summary", {}).items():
+            console.log(
+                f"{args.folds}-fold {key}: mean {summary['mean']} std {summary['std']} "
+                f"(per fold {summary['per_fold']})"
+            )
         console.log(
             f"sensitivity (≥{m['sensitivity_min_ml']:g} mL) "
             f"{m['sensitivity_critical_ge_min_ml']['value']} "
@@ -159,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{m['specificity_critical']['value']} ({m['specificity_critical']['successes']}/"
             f"{m['specificity_critical']['n']}), Dice mean {m['dice_positives']['mean']} "
             f"median {m['dice_positives']['median']}; recommended critical volume "
-            f"{report['recommended_critical_volume_ml']} mL → {engine_dir / EVALUATION_FILE}"
+            f"{report['recommended_critical_volume_ml']} mL → {report['path']}"
         )
         return 0
 
@@ -171,6 +197,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.log(f"model card written: {out}")
         return 0
     return 2
+
+
+def _dataset(args: argparse.Namespace, recipe: object) -> DatasetManifest | None:
+    """The ``--dataset`` manifest, read and checked; refused where it is not supported."""
+    path: Path | None = getattr(args, "dataset", None)
+    if getattr(args, "folds", None) is not None and path is None:
+        raise SystemExit("--folds needs --dataset (k-fold splits a manifest's cases)")
+    if path is None:
+        return None
+    if not isinstance(recipe, DetectorRecipe):
+        raise SystemExit(
+            f"--dataset is supported for the segmentation recipe(s) "
+            f"{sorted(n for n, r in RECIPES.items() if isinstance(r, DetectorRecipe))} only"
+        )
+    try:
+        return read_manifest(path)
+    except DatasetError as exc:
+        raise SystemExit(f"dataset manifest: {exc}") from exc
 
 
 def _classification(args: argparse.Namespace, recipe: ClassifierRecipe, console: Console) -> int:

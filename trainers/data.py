@@ -15,7 +15,7 @@ import json
 import math
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from trainers.datasets import DatasetCase
 from trainers.phantoms.head_ct import BLEED_KINDS, generate_head_ct
 from trainers.recipes import DetectorRecipe, Grid
 from triage_node.detectors.transforms import (
@@ -114,9 +115,9 @@ def evaluation_cases(recipe: DetectorRecipe, seed: int) -> list[CaseSpec]:
 
 
 def preprocess_case(
-    recipe: DetectorRecipe, case: CaseSpec
+    recipe: DetectorRecipe, case: CaseSpec | DatasetCase
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Generate ``case`` and run it through the manifest preprocessing.
+    """Generate (a phantom) or load (a dataset case) ``case``, then preprocess it.
 
     Returns the network input [z, y, x] (float32), the soft target (label occupancy in
     [0, 1], float32) and JSON-ready case metadata.
@@ -141,7 +142,9 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _worker(job: tuple[DetectorRecipe, CaseSpec]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _worker(
+    job: tuple[DetectorRecipe, CaseSpec | DatasetCase],
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     recipe, case = job
     image, target, meta = preprocess_case(recipe, case)
     return image.astype(np.float16), target.astype(np.float16), meta
@@ -179,7 +182,9 @@ class CaseCache:
             return 0
         return sum(1 for line in self._meta_path.read_text().splitlines() if line.strip())
 
-    def build(self, recipe: DetectorRecipe, cases: list[CaseSpec], processes: int) -> Iterator[int]:
+    def build(
+        self, recipe: DetectorRecipe, cases: Sequence[CaseSpec | DatasetCase], processes: int
+    ) -> Iterator[int]:
         """Generate the missing cases; yields after each one (for progress bars)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         start = self.done()

@@ -18,7 +18,13 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from trainers.data import evaluation_cases
+from trainers.data import CaseSpec, evaluation_cases
+from trainers.datasets import (
+    DatasetCase,
+    DatasetManifest,
+    fold_summary,
+    stratified_folds,
+)
 from trainers.export import write_manifest
 from trainers.recipes import DetectorRecipe
 from triage_node.detectors.findings import Urgency
@@ -186,18 +192,36 @@ def evaluate(
     critical_volume_ml: float,
     cases: int | None = None,
     console: Console | None = None,
+    dataset: DatasetManifest | None = None,
+    folds: int | None = None,
 ) -> dict[str, Any]:
-    """Run the detector on the held-out phantoms; write and return the evaluation JSON."""
+    """Run the detector on the held-out phantoms; write and return the evaluation JSON.
+
+    With ``dataset`` the held-out cases are the manifest's ``test`` cases instead, and the
+    report goes to ``evaluation-dataset-STEM.json`` (the engine manifest keeps its phantom
+    figures). ``folds``: also split those cases into stratified folds (by ``stratum``,
+    deterministic with ``seed``) and report each fold's metrics and their mean/std.
+    """
     console = console or Console()
     detector = SegmentationDetector(
         engine_dir / "manifest.json", threads=threads, critical_volume_ml=critical_volume_ml
     )
-    specs = evaluation_cases(recipe, seed)
-    if cases is not None:
+    specs: list[CaseSpec | DatasetCase]
+    if dataset is not None:
+        held_out = dataset.require("test", "for held-out evaluation")
+        if folds is not None:
+            # Checked before the slow part: too many folds fails at once.
+            stratified_folds([c.stratum for c in held_out], folds, seed)
+        specs = [*held_out]
+    elif folds is not None:
+        raise ValueError("folds need a dataset manifest (phantom evaluation has no strata)")
+    else:
+        specs = [*evaluation_cases(recipe, seed)]
+    if cases is not None and dataset is None:
         # Keep the bleed/normal balance when asked for fewer cases.
         bleeds = [c for c in specs if c.bleed_ml is not None][: (cases + 1) // 2]
         normals = [c for c in specs if c.bleed_ml is None][: cases // 2]
-        specs = bleeds + normals
+        specs = [*bleeds, *normals]
     rows: list[dict[str, Any]] = []
     timings: dict[str, list[float]] = {}
     started = time.perf_counter()
@@ -210,8 +234,12 @@ def evaluate(
     ) as progress:
         task = progress.add_task("eval", total=len(specs))
         for case in specs:
-            hu, truth, info = case.generate()
-            volume = _phantom_volume(hu, info, case.index)
+            if isinstance(case, DatasetCase):
+                volume, truth = case.load()
+                info = case.info(volume, truth)
+            else:
+                hu, truth, info = case.generate()
+                volume = _phantom_volume(hu, info, case.index)
             result = detector.run(volume)
             pred = np.zeros(truth.shape, bool)
             for finding in result.findings:
@@ -230,8 +258,8 @@ def evaluate(
                     "urgency": result.urgency.value,
                     "critical": result.urgency == Urgency.CRITICAL,
                     "decoys": info["decoys"],
-                    "shape": list(case.shape),
-                    "spacing": list(case.spacing),
+                    "shape": list(volume.shape),
+                    "spacing": [round(float(v), 4) for v in volume.spacing],
                     "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
                 }
             )
@@ -259,11 +287,59 @@ def evaluate(
         "cases": rows,
     }
     out = engine_dir / EVALUATION_FILE
+    if dataset is not None:
+        report["split"] = f"test cases of {dataset.path}"
+        report["grids"] = sorted({json.dumps(r["shape"]) for r in rows})
+        report["dataset"] = {"manifest": str(dataset.path), "fingerprint": dataset.fingerprint()}
+        for row, case in zip(rows, specs, strict=True):
+            row["where"] = case.where if isinstance(case, DatasetCase) else None
+            row["stratum"] = case.stratum if isinstance(case, DatasetCase) else None
+        if folds is not None:
+            report["folds"] = _fold_report(rows, recipe, critical_volume_ml, folds, seed)
+        out = engine_dir / f"evaluation-dataset-{dataset.path.stem}.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out)
-    _record_in_manifest(engine_dir / "manifest.json", report)
+    report["path"] = str(out)
+    if dataset is None:
+        _record_in_manifest(engine_dir / "manifest.json", report)
     return report
+
+
+def _fold_report(
+    rows: list[dict[str, Any]],
+    recipe: DetectorRecipe,
+    critical_volume_ml: float,
+    folds: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Stratified folds of the evaluated cases: each fold's headline metrics, mean and std.
+
+    The engine is the same in every fold (training per fold is not done here), so the spread
+    says how much the figures move with the choice of held-out cases.
+    """
+    indices = stratified_folds([str(r["stratum"]) for r in rows], folds, seed)
+    per_fold = []
+    for k, members in enumerate(indices):
+        m = summarise([rows[i] for i in members], recipe, critical_volume_ml)
+        per_fold.append(
+            {
+                "fold": k,
+                "cases": [rows[i]["where"] for i in members],
+                "counts": m["counts"],
+                "sensitivity_critical_ge_min_ml": m["sensitivity_critical_ge_min_ml"]["value"],
+                "specificity_critical": m["specificity_critical"]["value"],
+                "dice_mean": m["dice_positives"]["mean"],
+            }
+        )
+    headline = ("sensitivity_critical_ge_min_ml", "specificity_critical", "dice_mean")
+    return {
+        "k": folds,
+        "seed": seed,
+        "stratified_by": "stratum",
+        "per_fold": per_fold,
+        "summary": {key: fold_summary([f[key] for f in per_fold]) for key in headline},
+    }
 
 
 def _record_in_manifest(manifest_path: Path, report: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from trainers.data import CaseCache, training_case
+from trainers.data import CaseCache, CaseSpec, training_case
+from trainers.datasets import DatasetCase, DatasetManifest
 from trainers.recipes import DetectorRecipe
 
 CHECKPOINT = "checkpoint.pt"
@@ -69,22 +71,46 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def build_caches(
-    recipe: DetectorRecipe, seed: int, run_dir: Path, processes: int, console: Console
+    recipe: DetectorRecipe,
+    seed: int,
+    run_dir: Path,
+    processes: int,
+    console: Console,
+    dataset: DatasetManifest | None = None,
 ) -> tuple[CaseCache, CaseCache, float]:
-    """Generate (or finish) the training and validation caches; also their build seconds."""
+    """Generate (or finish) the training and validation caches; also their build seconds.
+
+    With ``dataset`` the caches hold its ``train`` and ``validation`` cases instead of
+    phantoms (``trainers.datasets``), under a folder named by the manifest's fingerprint.
+    """
     spec = recipe.training
     fp = recipe.data_fingerprint()
+    counts = (spec.train_cases, spec.val_cases)
+    if dataset is not None:
+        fp = f"{fp}-dataset-{dataset.fingerprint()}"
+        user_cases = (
+            dataset.require("train", "for training"),
+            dataset.require("validation", "for validation during training"),
+        )
+        counts = (len(user_cases[0]), len(user_cases[1]))
     caches = (
-        CaseCache(run_dir / "cache" / f"train-{fp}", spec.train_cases, recipe.input_shape),
-        CaseCache(run_dir / "cache" / f"val-{fp}", spec.val_cases, recipe.input_shape),
+        CaseCache(run_dir / "cache" / f"train-{fp}", counts[0], recipe.input_shape),
+        CaseCache(run_dir / "cache" / f"val-{fp}", counts[1], recipe.input_shape),
     )
     with _progress(console) as progress:
-        for split, cache in zip(("train", "val"), caches, strict=True):
+        for k, (split, cache) in enumerate(zip(("train", "val"), caches, strict=True)):
             if cache.done() >= cache.count:
                 continue
-            cases = [training_case(recipe, split, seed, i) for i in range(cache.count)]
+            cases: Sequence[CaseSpec | DatasetCase] = (
+                user_cases[k]
+                if dataset is not None
+                else [training_case(recipe, split, seed, i) for i in range(cache.count)]
+            )
             task = progress.add_task(
-                f"phantoms ({split})", total=cache.count, completed=cache.done(), status=""
+                f"{'cases' if dataset else 'phantoms'} ({split})",
+                total=cache.count,
+                completed=cache.done(),
+                status="",
             )
             for _ in cache.build(recipe, cases, processes):
                 progress.advance(task)
@@ -202,11 +228,13 @@ def train(
     threads: int = 2,
     fresh: bool = False,
     console: Console | None = None,
+    dataset: DatasetManifest | None = None,
 ) -> Path:
     """Train ``recipe``'s network; returns the final checkpoint's path.
 
     Resumes from ``run_dir/checkpoint.pt`` unless ``fresh``; refuses to resume a checkpoint
-    made with another recipe, seed or epoch count.
+    made with another recipe, seed, epoch count or dataset. ``dataset``: train on a
+    manifest's cases instead of phantoms (:func:`build_caches`).
     """
     console = console or Console()
     torch.set_num_threads(threads)
@@ -215,13 +243,16 @@ def train(
     if fresh and checkpoint_path.exists():
         checkpoint_path.unlink()
 
-    train_cache, val_cache, data_seconds = build_caches(recipe, seed, run_dir, threads, console)
+    train_cache, val_cache, data_seconds = build_caches(
+        recipe, seed, run_dir, threads, console, dataset
+    )
     images, targets, meta = train_cache.load()
     val_images, val_targets, _ = val_cache.load()
     positives = _positive_coords(targets, np.random.default_rng([seed, 99]))
-    bleeds = sum(1 for m in meta if m["bleed_ml"] is not None)
+    bleeds = sum(1 for m in meta if m["true_bleed_ml"] > 0)
     console.log(
-        f"{len(images)} training phantoms ({bleeds} with bleeds), {len(val_images)} validation;"
+        f"{len(images)} training {'cases' if dataset else 'phantoms'} ({bleeds} with bleeds), "
+        f"{len(val_images)} validation;"
         f" data {data_seconds:.0f} s"
     )
 
@@ -232,7 +263,8 @@ def train(
     # the weights' values, hence the exported engine, do not depend on the memory format.
     model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     spec = recipe.training
-    steps_per_epoch = len(images) // spec.batch_size
+    # At least one (smaller) batch: a site dataset may have fewer cases than a batch.
+    steps_per_epoch = max(1, len(images) // spec.batch_size)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
     )
@@ -247,7 +279,12 @@ def train(
 
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        expected = {"fingerprint": recipe.fingerprint(), "seed": seed, "epochs": epochs}
+        expected = {
+            "fingerprint": recipe.fingerprint(),
+            "seed": seed,
+            "epochs": epochs,
+            "dataset": dataset.fingerprint() if dataset else None,
+        }
         found = {k: saved.get(k) for k in expected}
         if found != expected:
             raise SystemExit(
@@ -310,6 +347,7 @@ def train(
                     "fingerprint": recipe.fingerprint(),
                     "seed": seed,
                     "epochs": epochs,
+                    "dataset": dataset.fingerprint() if dataset else None,
                     "recipe": recipe.name,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -325,6 +363,7 @@ def train(
                         "train_cases": len(images),
                         "train_bleeds": bleeds,
                         "val_cases": len(val_images),
+                        "source": str(dataset.path) if dataset else "phantoms",
                     },
                 },
                 checkpoint_path,
