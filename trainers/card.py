@@ -15,17 +15,18 @@ from trainers.recipes import DetectorRecipe
 from triage_node.detectors.manifest import load_manifest
 
 
-def _pct(rate: dict[str, Any]) -> str:
+def pct(rate: dict[str, Any], digits: int = 2) -> str:
+    """A rate from ``evaluate._rate`` as "0.95 (19/20; 95 % CI 0.76–0.99)"."""
     if rate["value"] is None:
         return "n/a (no cases)"
-    text = f"{rate['value']:.2f} ({rate['successes']}/{rate['n']}"
+    text = f"{rate['value']:.{digits}f} ({rate['successes']}/{rate['n']}"
     if rate.get("ci95"):
         lo, hi = rate["ci95"]
-        text += f"; 95 % CI {lo:.2f}–{hi:.2f}"
+        text += f"; 95 % CI {lo:.{digits}f}–{hi:.{digits}f}"
     return text + ")"
 
 
-def _num(value: Any, digits: int = 3) -> str:
+def num(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -95,7 +96,7 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         f"{' × '.join(str(c) for c in t['crop'])}; {t['loss']}; {t['optimizer']}.",
         f"- Wall time on 2 CPU threads: {t['data_minutes']:.1f} min phantom generation + "
         f"{t['train_minutes']:.1f} min training; final validation Dice (network grid) "
-        f"{_num(t['final_val_dice'])}.",
+        f"{num(t['final_val_dice'])}.",
         f"- Trained {t['date']} with torch {t['versions'].get('torch')}, "
         f"MONAI {t['versions'].get('monai')}; export parity ONNX Runtime vs PyTorch: max "
         f"|Δlogit| {t['export']['parity_max_abs_diff_full']:.1e} (tolerance "
@@ -137,17 +138,17 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         "| Metric | Measured |",
         "|---|---|",
         f"| Sensitivity of the critical flag, bleeds ≥ {m['sensitivity_min_ml']:g} mL | "
-        f"{_pct(m['sensitivity_critical_ge_min_ml'])} |",
-        f"| Specificity of the critical flag, normals | {_pct(m['specificity_critical'])} |",
-        f"| Detection (any finding), all bleeds | {_pct(m['detection_sensitivity_all_bleeds'])} |",
-        f"| Normals without any finding | {_pct(m['normals_without_any_finding'])} |",
+        f"{pct(m['sensitivity_critical_ge_min_ml'])} |",
+        f"| Specificity of the critical flag, normals | {pct(m['specificity_critical'])} |",
+        f"| Detection (any finding), all bleeds | {pct(m['detection_sensitivity_all_bleeds'])} |",
+        f"| Normals without any finding | {pct(m['normals_without_any_finding'])} |",
         f"| Dice on bleeds, mean / median / min (n={m['dice_positives']['n']}) | "
-        f"{_num(m['dice_positives']['mean'])} / {_num(m['dice_positives']['median'])} / "
-        f"{_num(m['dice_positives']['min'])} |",
+        f"{num(m['dice_positives']['mean'])} / {num(m['dice_positives']['median'])} / "
+        f"{num(m['dice_positives']['min'])} |",
         f"| Volume error on detected bleeds, median signed / mean absolute (n="
         f"{m['volume_error_detected']['n']}) | "
-        f"{_num(m['volume_error_detected']['median_relative'])} / "
-        f"{_num(m['volume_error_detected']['mean_absolute_relative'])} (relative) |",
+        f"{num(m['volume_error_detected']['median_relative'])} / "
+        f"{num(m['volume_error_detected']['mean_absolute_relative'])} (relative) |",
         f"| Largest false-positive volume on a normal | "
         f"{m['false_positive_ml_on_normals']['max']:.3f} mL |",
         "",
@@ -158,12 +159,12 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
     ]
     for key, row in m["by_size"].items():
         lines.append(
-            f"| {key} | {_pct(row['detected'])} | {_pct(row['critical'])} | "
-            f"{_num(row['dice_mean'])} |"
+            f"| {key} | {pct(row['detected'])} | {pct(row['critical'])} | "
+            f"{num(row['dice_mean'])} |"
         )
     lines += ["", "### By bleed kind", "", "| Kind | Detected | Mean Dice |", "|---|---|---|"]
     for kind, row in m["by_kind"].items():
-        lines.append(f"| {kind} | {row['detected']}/{row['n']} | {_num(row['dice_mean'])} |")
+        lines.append(f"| {kind} | {row['detected']}/{row['n']} | {num(row['dice_mean'])} |")
     lines += [
         "",
         "### Critical-volume sweep",
@@ -174,8 +175,8 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
     ]
     for row in m["critical_volume_sweep"]:
         lines.append(
-            f"| {row['critical_volume_ml']:g} | {_pct(row['sensitivity_ge_min_ml'])} | "
-            f"{_pct(row['sensitivity_all_bleeds'])} | {_pct(row['specificity'])} |"
+            f"| {row['critical_volume_ml']:g} | {pct(row['sensitivity_ge_min_ml'])} | "
+            f"{pct(row['sensitivity_all_bleeds'])} | {pct(row['specificity'])} |"
         )
     timings = report["timings_s"]
     lines += [

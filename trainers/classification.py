@@ -37,7 +37,9 @@ import torch
 from rich.console import Console
 from scipy import optimize, stats
 
+from trainers.card import pct
 from trainers.data import SPLIT_CODES
+from trainers.evaluate import _rate
 from trainers.export import (
     ENGINE_FILE,
     OPSET,
@@ -632,12 +634,6 @@ def export_classifier(
 # --- evaluation ------------------------------------------------------------------------------
 
 
-def _wilson(successes: int, n: int) -> dict[str, Any]:
-    from trainers.evaluate import _rate
-
-    return _rate(successes, n)
-
-
 def evaluate_classifier(
     recipe: ClassifierRecipe,
     engine_dir: Path,
@@ -765,7 +761,7 @@ def summarise_classification(
     by_size: dict[str, Any] = {}
     for a, b, name in SIZE_BINS:
         group = [r for r in rows if r["truth"] and a <= r["size"] < b]
-        by_size[name] = _wilson(sum(r["positive"] for r in group), len(group))
+        by_size[name] = _rate(sum(r["positive"] for r in group), len(group))
     pointing = [r for r in rows if r["truth"] and r["positive"]]
     decoy_normals = [r for r in rows if not r["truth"] and r["decoys"]]
     probs = np.clip(scores, 1e-7, 1 - 1e-7)
@@ -775,13 +771,13 @@ def summarise_classification(
         "auc": {"value": round(auc, 4), "ci95": [round(lo, 4), round(hi, 4)],
                 "method": f"percentile bootstrap, {recipe.evaluation.bootstrap} stratified "
                 "resamples"},
-        "sensitivity": _wilson(int((positive & truth).sum()), int(truth.sum())),
-        "specificity": _wilson(int((~positive & ~truth).sum()), int((~truth).sum())),
-        "specificity_normals_with_decoys": _wilson(
+        "sensitivity": _rate(int((positive & truth).sum()), int(truth.sum())),
+        "specificity": _rate(int((~positive & ~truth).sum()), int((~truth).sum())),
+        "specificity_normals_with_decoys": _rate(
             sum(not r["positive"] for r in decoy_normals), len(decoy_normals)
         ),
         "sensitivity_by_size": by_size,
-        "heatmap_peak_on_pneumothorax": _wilson(
+        "heatmap_peak_on_pneumothorax": _rate(
             sum(bool(r["peak_on_finding"]) for r in pointing), len(pointing)
         ),
         "brier": round(float(np.mean((scores - truth) ** 2)), 4),
@@ -832,16 +828,6 @@ def draw_roc_png(
     draw.text((margin + size / 2 - 60, size + 45), "1 - specificity (FPR)", fill="black")
     draw.text((4, 12), "sensitivity", fill="black")
     img.save(path, format="PNG", optimize=True)
-
-
-def _rate_text(rate: dict[str, Any]) -> str:
-    if rate["value"] is None:
-        return "n/a (no cases)"
-    text = f"{rate['value']:.3f} ({rate['successes']}/{rate['n']}"
-    if rate.get("ci95"):
-        lo, hi = rate["ci95"]
-        text += f"; 95 % CI {lo:.3f}–{hi:.3f}"
-    return text + ")"
 
 
 def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_png: str) -> str:
@@ -968,16 +954,16 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
         "|---|---|",
         f"| ROC AUC | {m['auc']['value']:.4f} (95 % CI {m['auc']['ci95'][0]:.4f}–"
         f"{m['auc']['ci95'][1]:.4f}; {m['auc']['method']}) |",
-        f"| Sensitivity at the operating threshold | {_rate_text(m['sensitivity'])} |",
-        f"| Specificity at the operating threshold | {_rate_text(m['specificity'])} |",
+        f"| Sensitivity at the operating threshold | {pct(m['sensitivity'], digits=3)} |",
+        f"| Specificity at the operating threshold | {pct(m['specificity'], digits=3)} |",
         f"| Specificity, normals with decoys | "
-        f"{_rate_text(m['specificity_normals_with_decoys'])} |",
+        f"{pct(m['specificity_normals_with_decoys'], digits=3)} |",
         *[
-            f"| Sensitivity, {name} pneumothorax | {_rate_text(rate)} |"
+            f"| Sensitivity, {name} pneumothorax | {pct(rate, digits=3)} |"
             for name, rate in m["sensitivity_by_size"].items()
         ],
         f"| Heatmap peak on the pneumothorax (true positives) | "
-        f"{_rate_text(m['heatmap_peak_on_pneumothorax'])} |",
+        f"{pct(m['heatmap_peak_on_pneumothorax'], digits=3)} |",
         f"| Brier score / log loss (calibrated p) | {m['brier']:.4f} / {m['log_loss']:.4f} |",
         "",
         "Intervals: Wilson 95 % for proportions; AUC by bootstrap.",

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy import ndimage
 
+from trainers.card import num, pct
 from trainers.data import SPLIT_CODES
 from trainers.evaluate import EVALUATION_FILE, _dice, _phantom_volume, _rate
 from trainers.export import (
@@ -969,20 +970,6 @@ def _record_in_manifest(manifest_path: Path, report: dict[str, Any]) -> None:
 # --- model card -------------------------------------------------------------------------------
 
 
-def _pct(rate: dict[str, Any]) -> str:
-    if rate["value"] is None:
-        return "n/a (no cases)"
-    text = f"{rate['value']:.2f} ({rate['successes']}/{rate['n']}"
-    if rate.get("ci95"):
-        lo, hi = rate["ci95"]
-        text += f"; 95 % CI {lo:.2f}–{hi:.2f}"
-    return text + ")"
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
     """The model card's Markdown, every figure read from manifest.json and evaluation.json."""
     manifest = load_manifest(engine_dir / "manifest.json", verify=True)
@@ -1071,7 +1058,7 @@ def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
         f"{' × '.join(str(v) for v in t['crop'])}; {t['loss']}; {t['optimizer']}.",
         f"- Wall time on 1 CPU thread (shared machine): {t['data_minutes']:.1f} min phantom "
         f"generation + {t['train_minutes']:.1f} min training; final validation Dice "
-        f"(network grid) {_num(t['final_val_dice'])}.",
+        f"(network grid) {num(t['final_val_dice'])}.",
         f"- Trained {t['date']} with torch {t['versions'].get('torch')}, MONAI "
         f"{t['versions'].get('monai')}; export parity ONNX Runtime vs PyTorch: max |Δlogit| "
         f"{t['export']['parity_max_abs_diff_full']:.1e} on a whole network-grid input, "
@@ -1098,23 +1085,23 @@ def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
         "| Metric | Measured |",
         "|---|---|",
         f"| Urgent flag (mass ≥ {m['urgent_diameter_mm']:g} mm) sensitivity | "
-        f"{_pct(m['urgent_sensitivity'])} |",
-        f"| Urgent flag specificity | {_pct(m['urgent_specificity'])} |",
-        f"| Per-nodule sensitivity at the operating point | {_pct(op['sensitivity'])}, "
-        f"{_num(op['fp_per_scan'], 2)} false positives per scan "
-        f"({_num(op['fp_per_decoy_only_scan'], 2)} on decoy-only scans) |",
-        f"| Juxtapleural nodules detected | {_pct(op['juxtapleural_sensitivity'])} |",
-        f"| Side (left/right) correct, detected nodules | {_pct(op['side_correct'])} |",
-        f"| Studies with nodules that have a finding | {_pct(m['study_positive_sensitivity'])} |",
-        f"| Decoy-only studies without a finding | {_pct(m['study_negative_specificity'])} |",
+        f"{pct(m['urgent_sensitivity'])} |",
+        f"| Urgent flag specificity | {pct(m['urgent_specificity'])} |",
+        f"| Per-nodule sensitivity at the operating point | {pct(op['sensitivity'])}, "
+        f"{num(op['fp_per_scan'], 2)} false positives per scan "
+        f"({num(op['fp_per_decoy_only_scan'], 2)} on decoy-only scans) |",
+        f"| Juxtapleural nodules detected | {pct(op['juxtapleural_sensitivity'])} |",
+        f"| Side (left/right) correct, detected nodules | {pct(op['side_correct'])} |",
+        f"| Studies with nodules that have a finding | {pct(m['study_positive_sensitivity'])} |",
+        f"| Decoy-only studies without a finding | {pct(m['study_negative_specificity'])} |",
         f"| Dice per study with nodules, mean / median (n={m['dice']['n']}) | "
-        f"{_num(m['dice']['mean'])} / {_num(m['dice']['median'])} (95 % bootstrap CI of the "
+        f"{num(m['dice']['mean'])} / {num(m['dice']['median'])} (95 % bootstrap CI of the "
         f"mean {m['dice']['ci95_mean']}) |",
-        f"| Dice per detected nodule, mean | {_num(m['dice']['per_detected_nodule_mean'])} |",
+        f"| Dice per detected nodule, mean | {num(m['dice']['per_detected_nodule_mean'])} |",
         f"| Long-axis diameter, median absolute error (n={de['n']}) | "
-        f"{_num(de['median_absolute'], 2)} mm (95 % bootstrap CI "
-        f"{de['ci95_median_absolute']}); mean absolute {_num(de['mean_absolute'], 2)} mm; "
-        f"median signed {_num(de['median_signed'], 2)} mm |",
+        f"{num(de['median_absolute'], 2)} mm (95 % bootstrap CI "
+        f"{de['ci95_median_absolute']}); mean absolute {num(de['mean_absolute'], 2)} mm; "
+        f"median signed {num(de['median_signed'], 2)} mm |",
         "",
         "### FROC",
         "",
@@ -1122,7 +1109,7 @@ def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
         "score threshold over the findings the detector reports (voxel probability ≥ "
         f"{manifest.probability_threshold}, so the curve stops at the operating point: rates "
         "beyond it report the operating-point sensitivity). Average over the five rates "
-        f"(CPM-style): {_num(m['froc_average_sensitivity'])}.",
+        f"(CPM-style): {num(m['froc_average_sensitivity'])}.",
         "",
         "| FP per scan | " + " | ".join(f"{r['fp_per_scan']:g}" for r in m["froc"]) + " |",
         "|---|" + "---|" * len(m["froc"]),
@@ -1136,8 +1123,8 @@ def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
         "| Size | Detected | Diameter median abs. error (mm) | Mean Dice |",
         "|---|---|---|---|",
         *[
-            f"| {k} | {_pct(v['detected'])} | {_num(v['diameter_median_abs_error_mm'], 2)} | "
-            f"{_num(v['dice_mean'])} |"
+            f"| {k} | {pct(v['detected'])} | {num(v['diameter_median_abs_error_mm'], 2)} | "
+            f"{num(v['dice_mean'])} |"
             for k, v in m["by_size"].items()
         ],
         "",
