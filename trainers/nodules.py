@@ -460,7 +460,10 @@ def run_command(args: Any, recipe: NoduleRecipe, console: Console) -> int:
     seed = int(getattr(args, "seed", 0))
     given_run = getattr(args, "run_dir", None)
     run_dir = given_run or REPO_ROOT / "trainers" / "runs" / f"{recipe.name}-seed{seed}"
-    given_engine = getattr(args, "out", None) or getattr(args, "engine_dir", None)
+    # For train/export ``--out`` is the engine folder; for card it is the Markdown file.
+    given_engine = getattr(args, "engine_dir", None)
+    if args.command != "card":
+        given_engine = getattr(args, "out", None) or given_engine
     engine_dir = given_engine or REPO_ROOT / "fixtures" / "engines" / recipe.name
     if args.command in ("train", "export"):
         if args.command == "train":
