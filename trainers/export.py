@@ -122,17 +122,17 @@ def _crop_around(array: np.ndarray, mask: np.ndarray, size: tuple[int, int, int]
     return np.ascontiguousarray(array[..., z : z + size[0], y : y + size[1], x : x + size[2]])
 
 
-def export_engine(
-    recipe: DetectorRecipe, checkpoint_path: Path, out_dir: Path, *, seed: int
-) -> Path:
-    """Export the checkpoint to ``out_dir`` and return the written manifest's path."""
-    model, saved = load_trained_model(recipe, checkpoint_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def export_parity_checked(
+    model: torch.nn.Module, image: np.ndarray, target: np.ndarray, out_dir: Path
+) -> tuple[float, float]:
+    """Write ``out_dir/model.onnx`` only if ONNX Runtime matches PyTorch within
+    ``PARITY_TOLERANCE`` on the whole parity case ``image`` and on a crop around ``target``;
+    then store that crop and PyTorch's output on it (the parity reference) and the weights.
 
-    image, target, _ = preprocess_case(recipe, _parity_case(recipe, seed))
+    Returns the largest absolute differences on the whole case and on the crop.
+    """
     full_input = image[None, None].astype(np.float32)
     full_reference = _torch_output(model, full_input)
-
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         onnx_tmp = Path(tmp) / ENGINE_FILE
         _export_onnx(model, full_input, onnx_tmp)
@@ -147,10 +147,21 @@ def export_engine(
                 f"(tolerance {PARITY_TOLERANCE:.0e}); not exporting"
             )
         os.replace(onnx_tmp, out_dir / ENGINE_FILE)
-
     np.save(out_dir / PARITY_INPUT, crop_input)
     np.save(out_dir / PARITY_OUTPUT, crop_reference.astype(np.float32))
     torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
+    return full_diff, crop_diff
+
+
+def export_engine(
+    recipe: DetectorRecipe, checkpoint_path: Path, out_dir: Path, *, seed: int
+) -> Path:
+    """Export the checkpoint to ``out_dir`` and return the written manifest's path."""
+    model, saved = load_trained_model(recipe, checkpoint_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    image, target, _ = preprocess_case(recipe, _parity_case(recipe, seed))
+    full_diff, crop_diff = export_parity_checked(model, image, target, out_dir)
 
     state = saved["state"]
     data = saved["data"]

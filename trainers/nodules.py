@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,15 +38,12 @@ from trainers.evaluate import EVALUATION_FILE, _dice, _phantom_volume, _rate
 from trainers.export import (
     ENGINE_FILE,
     OPSET,
-    PARITY_CROP,
     PARITY_INPUT,
     PARITY_OUTPUT,
     PARITY_TOLERANCE,
     WEIGHTS_FILE,
-    _crop_around,
-    _export_onnx,
-    _torch_output,
     _versions,
+    export_parity_checked,
     write_manifest,
 )
 from trainers.phantoms.chest_ct import NodulePlan, generate_chest_ct
@@ -60,7 +56,6 @@ from trainers.train import (
     init_output_bias,
     validate,
 )
-from triage_node.detectors.engines.ort import OnnxRuntimeEngine
 from triage_node.detectors.findings import Urgency
 from triage_node.detectors.manifest import (
     EngineFileSpec,
@@ -539,25 +534,7 @@ def export_nodules(
     model, saved = load_nodule_model(recipe, checkpoint_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     image, target, _ = preprocess_case(recipe, _parity_case(seed))
-    full_input = image[None, None].astype(np.float32)
-    full_reference = _torch_output(model, full_input)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        onnx_tmp = Path(tmp) / ENGINE_FILE
-        _export_onnx(model, full_input, onnx_tmp)
-        engine = OnnxRuntimeEngine(onnx_tmp, threads=torch.get_num_threads())
-        full_diff = float(np.abs(engine.run(full_input) - full_reference).max())
-        crop_input = _crop_around(full_input, target >= 0.5, PARITY_CROP)
-        crop_reference = _torch_output(model, crop_input)
-        crop_diff = float(np.abs(engine.run(crop_input) - crop_reference).max())
-        if max(full_diff, crop_diff) > PARITY_TOLERANCE:
-            raise RuntimeError(
-                f"ONNX Runtime differs from PyTorch by {max(full_diff, crop_diff):.2e} "
-                f"(tolerance {PARITY_TOLERANCE:.0e}); not exporting"
-            )
-        os.replace(onnx_tmp, out_dir / ENGINE_FILE)
-    np.save(out_dir / PARITY_INPUT, crop_input)
-    np.save(out_dir / PARITY_OUTPUT, crop_reference.astype(np.float32))
-    torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
+    full_diff, crop_diff = export_parity_checked(model, image, target, out_dir)
 
     state, data, spec = saved["state"], saved["data"], recipe.training
     train_cache, val_cache = _caches(recipe, checkpoint_path.parent)
