@@ -52,7 +52,7 @@ from trainers.export import (
 )
 from trainers.phantoms.chest_xr import generate_chest_xr
 from trainers.recipes import CamClassifier, ClassifierRecipe
-from trainers.train import CHECKPOINT, _atomic_save, _progress
+from trainers.train import CHECKPOINT, _atomic_save, _progress, resume
 from triage_node.detectors.engines.ort import OnnxRuntimeEngine
 from triage_node.detectors.manifest import (
     CalibrationSpec,
@@ -363,18 +363,8 @@ def train_classifier(
     map_loss_fn = torch.nn.BCEWithLogitsLoss()
     state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "history": []}
     if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         expected = {"fingerprint": recipe.fingerprint(), "seed": seed, "epochs": epochs}
-        found = {k: saved.get(k) for k in expected}
-        if found != expected:
-            raise SystemExit(
-                f"{checkpoint_path} was made with {found}, this run is {expected}; "
-                "use --fresh to start over or another --run-dir"
-            )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+        state = resume(checkpoint_path, expected, model, optimizer, scheduler)
         console.log(f"resuming after epoch {state['epoch']} from {checkpoint_path}")
 
     with _progress(console) as progress:

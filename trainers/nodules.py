@@ -54,6 +54,7 @@ from trainers.train import (
     _atomic_save,
     _progress,
     init_output_bias,
+    resume,
     validate,
 )
 from triage_node.detectors.findings import Urgency
@@ -361,18 +362,8 @@ def train_nodules(
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     state = TrainState(data_seconds=data_seconds)
     if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         expected = {"fingerprint": recipe.fingerprint(), "seed": seed, "epochs": epochs}
-        found_keys = {k: saved.get(k) for k in expected}
-        if found_keys != expected:
-            raise SystemExit(
-                f"{checkpoint_path} was made with {found_keys}, this run is {expected}; "
-                "use --fresh to start over or another --run-dir"
-            )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["state"])
+        state = TrainState(**resume(checkpoint_path, expected, model, optimizer, scheduler))
         state.data_seconds = data_seconds
         console.log(f"resuming after epoch {state.epoch} from {checkpoint_path}")
 

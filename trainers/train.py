@@ -50,6 +50,24 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def resume(checkpoint_path: Path, expected: dict[str, Any], model: torch.nn.Module,
+           optimizer: torch.optim.Optimizer, scheduler: Any) -> Any:
+    """Load a checkpoint into ``model``, ``optimizer`` and ``scheduler`` after checking that it
+    was made with this run's settings (``expected``: recipe fingerprint, seed, epochs…);
+    returns the training state saved with it. A mismatch stops with the way out."""
+    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    found = {k: saved.get(k) for k in expected}
+    if found != expected:
+        raise SystemExit(
+            f"{checkpoint_path} was made with {found}, this run is {expected}; "
+            "use --fresh to start over or another --run-dir"
+        )
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return saved["state"]
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -278,23 +296,13 @@ def train(
     state = TrainState(data_seconds=data_seconds)
 
     if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         expected = {
             "fingerprint": recipe.fingerprint(),
             "seed": seed,
             "epochs": epochs,
             "dataset": dataset.fingerprint() if dataset else None,
         }
-        found = {k: saved.get(k) for k in expected}
-        if found != expected:
-            raise SystemExit(
-                f"{checkpoint_path} was made with {found}, this run is {expected}; "
-                "use --fresh to start over or another --run-dir"
-            )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["state"])
+        state = TrainState(**resume(checkpoint_path, expected, model, optimizer, scheduler))
         state.data_seconds = data_seconds
         console.log(f"resuming after epoch {state.epoch} from {checkpoint_path}")
 
