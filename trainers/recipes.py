@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -25,6 +26,13 @@ from triage_node.detectors.manifest import CodeSpec, LabelSpec, TransformSpec
 
 Grid = tuple[tuple[int, int, int], tuple[float, float, float]]
 """(shape, spacing) of an acquisition grid, both (z, y, x)."""
+
+
+def short_hash(payload: dict[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of ``payload`` as sorted JSON: a recipe's fingerprints
+    (training resumes, and data caches are reused, only when they match)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,7 @@ class DetectorRecipe:
             "network": asdict(self.network),
             "training": asdict(self.training),
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return short_hash(payload)
 
     def data_fingerprint(self) -> str:
         """Short hash of what the cached training data depends on (not the schedule)."""
@@ -142,8 +149,7 @@ class DetectorRecipe:
             "grids": (t.in_plane, t.slice_spacing),
             "phantom_version": PHANTOM_VERSION,
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return short_hash(payload)
 
 
 _HEMORRHAGE = LabelSpec(
@@ -357,8 +363,7 @@ class ClassifierRecipe:
             "training": asdict(self.training),
             "phantom_version": CXR_PHANTOM_VERSION,
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return short_hash(payload)
 
     def data_fingerprint(self) -> str:
         """Short hash of what the cached training data depends on (not the schedule)."""
@@ -370,8 +375,7 @@ class ClassifierRecipe:
             "map_grid": self.network.divisor,
             "phantom_version": CXR_PHANTOM_VERSION,
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return short_hash(payload)
 
 
 CXR_PNEUMOTHORAX = ClassifierRecipe(
@@ -507,8 +511,7 @@ class NoduleRecipe:
             "training": asdict(self.training),
             "phantom_version": NODULE_PHANTOM_VERSION,
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return short_hash(payload)
 
     def data_fingerprint(self) -> str:
         """Short hash of what the cached training data depends on (not the schedule)."""
@@ -520,8 +523,7 @@ class NoduleRecipe:
             "grids": (t.in_plane, t.slice_spacing),
             "phantom_version": NODULE_PHANTOM_VERSION,
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return short_hash(payload)
 
 
 CT_CHEST_NODULE = NoduleRecipe(
