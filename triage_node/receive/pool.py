@@ -69,7 +69,9 @@ class ReceiverPool:
     def __init__(self, config: NodeConfig, ingestor: Ingestor) -> None:
         self.config = config
         self.ingestor = ingestor
-        self.limit = AssociationLimit(config.dicom.max_associations)
+        limit = config.dicom.max_associations
+        self.limit = (AssociationLimit.shared(limit) if config.dicom.receiver_processes > 1
+                      else AssociationLimit(limit))
         self._listener: socket.socket | None = None
         # Built now so that a bad trust list or TLS file stops the node before it starts.
         self._local = DicomReceiver(config.dicom, ingestor, limit=self.limit)

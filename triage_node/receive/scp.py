@@ -123,13 +123,28 @@ class _Stats:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
+class _ThreadCounter:
+    """The interface of ``multiprocessing.Value`` for a counter one process shares."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+
 class AssociationLimit:
-    """Counts established associations across the receiving processes that share a port."""
+    """Counts established associations; across processes when given a shared counter
+    (:meth:`shared`), so that a single-process node starts no semaphore machinery."""
 
     def __init__(self, limit: int, counter: Any = None) -> None:
         self.limit = limit
-        self.counter = (counter if counter is not None
-                        else multiprocessing.get_context("spawn").Value("i", 0))
+        self.counter = counter if counter is not None else _ThreadCounter()
+
+    @classmethod
+    def shared(cls, limit: int) -> AssociationLimit:
+        return cls(limit, multiprocessing.get_context("spawn").Value("i", 0))
 
     def acquire(self) -> bool:
         with self.counter.get_lock():
