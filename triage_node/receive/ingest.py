@@ -107,9 +107,9 @@ class Ingestor:
         try:
             # Mapped from the page cache: the header is parsed in place, nothing is copied.
             data = incoming.map()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             incoming.discard()
-            return self._write_failed(exc if isinstance(exc, OSError) else OSError(str(exc)))
+            return self._write_failed(exc)
         try:
             header = read_header(data, self.limits)
         except UnusableDicomError as exc:

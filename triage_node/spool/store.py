@@ -138,9 +138,8 @@ class IncomingFile:
             view = view[written:]
 
     def map(self) -> mmap.mmap:
-        """The bytes written so far, mapped read-only (an empty file cannot be mapped)."""
-        if self.size == 0:
-            raise ValueError("nothing was received")
+        """The bytes written so far, mapped read-only (never empty: the receiver writes the
+        file meta first)."""
         with self.path.open("rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
