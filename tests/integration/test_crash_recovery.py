@@ -24,6 +24,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from deploy.demo.node import NodeProcess, write_node_config
 from deploy.demo.orthanc import LocalOrthanc
 from deploy.demo.studies import DemoStudy, make_study
+from tests.helpers.orthanc import study_instances
 
 pytestmark = pytest.mark.integration
 
@@ -83,17 +84,8 @@ def _wait(predicate: object, timeout: float, what: str, node: NodeProcess) -> No
 
 
 def _orthanc_results(orthanc: LocalOrthanc, study_uid: str) -> dict[str, int]:
-    with orthanc.client() as client:
-        ids = client.post("/tools/lookup", content=study_uid.encode()).json()
-        study = next((i["ID"] for i in ids if i["Type"] == "Study"), None)
-        if study is None:
-            return {}
-        counts: dict[str, int] = {}
-        for series in client.get(f"/studies/{study}/series").json():
-            modality = series["MainDicomTags"].get("Modality")
-            if modality in ("SEG", "SR", "KO"):
-                counts[modality] = counts.get(modality, 0) + len(series["Instances"])
-        return counts
+    found = study_instances(orthanc, study_uid)
+    return {m: len(found[m]) for m in ("SEG", "SR", "KO") if m in found}
 
 
 def _settled(node: NodeProcess, study_uid: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -15,29 +14,10 @@ from pydicom.data import get_testdata_file
 from deploy.demo.node import NodeProcess
 from deploy.demo.orthanc import LocalOrthanc
 from deploy.demo.senders import storescu
+from tests.helpers.orthanc import dciodvfy_errors, study_instances
 from trainers.phantoms.chest_xr import generate_chest_xr, write_chest_radiograph
 
 pytestmark = pytest.mark.integration
-
-
-def _dciodvfy_errors(data: bytes, folder: Path, name: str) -> list[str]:
-    path = folder / name
-    path.write_bytes(data)
-    out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
-
-
-def _results(orthanc: LocalOrthanc, study_uid: str) -> dict[str, list[bytes]]:
-    found: dict[str, list[bytes]] = {}
-    with orthanc.client() as client:
-        ids = client.post("/tools/lookup", content=study_uid.encode()).json()
-        study = next(i["ID"] for i in ids if i["Type"] == "Study")
-        for series in client.get(f"/studies/{study}/series").json():
-            modality = series["MainDicomTags"].get("Modality")
-            for instance in series["Instances"]:
-                data = client.get(f"/instances/{instance}/file").content
-                found.setdefault(modality, []).append(data)
-    return found
 
 
 def test_pneumothorax_radiograph_is_critical_with_heatmap_sr_and_kos(
@@ -55,10 +35,10 @@ def test_pneumothorax_radiograph_is_critical_with_heatmap_sr_and_kos(
     item = node.wait_for_study(study_uid)
     assert item["status"] == "delivered", item
     assert (item["urgency"], item["detectors"]) == ("critical", ["cxr-pneumothorax"])
-    results = _results(orthanc, study_uid)
+    results = study_instances(orthanc, study_uid)
     assert {m: len(v) for m, v in results.items() if m != "DX"} == {"SR": 1, "OT": 1, "KO": 1}
     for modality in ("SR", "OT", "KO"):
-        assert _dciodvfy_errors(results[modality][0], tmp_path, f"{modality}.dcm") == []
+        assert dciodvfy_errors(results[modality][0], tmp_path, f"{modality}.dcm") == []
     heatmap = pydicom.dcmread(io.BytesIO(results["OT"][0]))
     assert heatmap.PhotometricInterpretation == "RGB"
     assert (heatmap.Rows, heatmap.Columns) == (512, 512)

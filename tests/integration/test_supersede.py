@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 from deploy.demo.node import NodeProcess, write_node_config
 from deploy.demo.orthanc import LocalOrthanc
 from deploy.demo.senders import storescu
+from tests.helpers.orthanc import study_instances
 from trainers.phantoms.dicom import write_ct_series
 from trainers.phantoms.head_ct import generate_head_ct
 
@@ -70,18 +71,9 @@ def _wait_generation(node: NodeProcess, study_uid: str, generation: int,
 
 def _results(orthanc: LocalOrthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
     """The result objects Orthanc holds for the study, by modality."""
-    found: dict[str, list[pydicom.Dataset]] = {}
-    with orthanc.client() as client:
-        ids = client.post("/tools/lookup", content=study_uid.encode()).json()
-        study_id = next(i["ID"] for i in ids if i["Type"] == "Study")
-        for series in client.get(f"/studies/{study_id}/series").json():
-            modality = series["MainDicomTags"].get("Modality")
-            if modality not in ("SEG", "SR", "KO"):
-                continue
-            for instance in series["Instances"]:
-                data = client.get(f"/instances/{instance}/file").content
-                found.setdefault(modality, []).append(pydicom.dcmread(io.BytesIO(data)))
-    return found
+    found = study_instances(orthanc, study_uid)
+    return {m: [pydicom.dcmread(io.BytesIO(d)) for d in found[m]]
+            for m in ("SEG", "SR", "KO") if m in found}
 
 
 def _evidence(ds: pydicom.Dataset) -> dict[str, int]:

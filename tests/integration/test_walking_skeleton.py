@@ -18,6 +18,7 @@ from deploy.demo.node import NodeProcess
 from deploy.demo.orthanc import LocalOrthanc
 from deploy.demo.senders import storescu
 from deploy.demo.studies import make_study
+from tests.helpers.orthanc import dciodvfy_errors
 
 pytestmark = pytest.mark.integration
 
@@ -36,13 +37,6 @@ def _qido_series(orthanc: LocalOrthanc, study_uid: str, modality: str) -> list[d
         r = client.get(f"/dicom-web/studies/{study_uid}/series", params={"Modality": modality})
         assert r.status_code in (200, 204), r.text
         return r.json() if r.status_code == 200 and r.content else []
-
-
-def _dciodvfy_errors(data: bytes, tmp_path: Path, name: str) -> list[str]:
-    path = tmp_path / name
-    path.write_bytes(data)
-    out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +91,7 @@ def test_bleed_becomes_critical_with_seg_and_sr_in_its_study(
             ds = pydicom.dcmread(io.BytesIO(data))
             assert ds.StudyInstanceUID == uid
             assert ds.PatientID == SENTINEL["patient_id"]
-            assert _dciodvfy_errors(data, tmp_path, f"{ds.Modality}.dcm") == []
+            assert dciodvfy_errors(data, tmp_path, f"{ds.Modality}.dcm") == []
 
 
 def test_normal_head_ct_is_negative(sent: dict[str, str], node: NodeProcess,
