@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 from triage_node.config.models import DeliveryConfig
 from triage_node.errors import DeliveryError
 from triage_node.logging import get_logger
+from triage_node.retry import after_failure
 from triage_node.state.db import Database
 from triage_node.worklist.store import WorklistStore
 
@@ -217,10 +218,6 @@ class Outbox:
                 retract += 1
         return retract
 
-    def _backoff(self, attempts: int) -> float:
-        return float(min(self.config.retry_max_seconds,
-                         self.config.retry_initial_seconds * 2 ** max(0, attempts - 1)))
-
     def deliver_due(self) -> int:
         """Try every due entry once; returns how many were delivered. Safe to call concurrently."""
         if not self._lock.acquire(blocking=False):
@@ -340,14 +337,7 @@ class Outbox:
 
     def _failed(self, row: sqlite3.Row, exc: DeliveryError) -> None:
         attempts = int(row["attempts"]) + 1
-        error = str(exc)
-        if not exc.retryable:
-            status, wait = "dead", 0.0
-        elif attempts >= self.config.max_attempts:
-            status, wait = "dead", 0.0
-            error = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''}: {error}"
-        else:
-            status, wait = "pending", self._backoff(attempts)
+        status, wait, error = after_failure(self.config, attempts, exc)
         # For a dead entry next_attempt_at records when it was given up (see OutboxRecord).
         with self.db.transaction() as conn:
             conn.execute(

@@ -35,6 +35,7 @@ from triage_node.detectors.findings import Urgency
 from triage_node.errors import DeliveryError
 from triage_node.logging import get_logger
 from triage_node.notify.channels import Channel, EmailChannel, WebhookChannel
+from triage_node.retry import after_failure
 from triage_node.state.db import Database
 from triage_node.worklist.store import FindingSummary, summarize
 
@@ -248,20 +249,9 @@ class NotificationQueue:
             sent += 1
         return sent
 
-    def _backoff(self, attempts: int) -> float:
-        return float(min(self.config.retry_max_seconds,
-                         self.config.retry_initial_seconds * 2 ** max(0, attempts - 1)))
-
     def _failed(self, row: sqlite3.Row, exc: DeliveryError) -> None:
         attempts = int(row["attempts"]) + 1
-        error = str(exc)
-        if not exc.retryable:
-            status, wait = "dead", 0.0
-        elif attempts >= self.config.max_attempts:
-            status, wait = "dead", 0.0
-            error = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''}: {error}"
-        else:
-            status, wait = "pending", self._backoff(attempts)
+        status, wait, error = after_failure(self.config, attempts, exc)
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE notifications SET attempts=?, status=?, next_attempt_at=?, last_error=?"
