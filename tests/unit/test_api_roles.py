@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     monkeypatch.setenv("TOKEN_DR_A", "token-of-dr-a")
     monkeypatch.setenv("TOKEN_DR_B", "token-of-dr-b")
+    monkeypatch.setenv("TOKEN_PROMETHEUS", "token-of-prometheus")
     api = ApiConfig(tokens=[
+        ApiTokenConfig(user="prometheus", role="monitoring", token_env="TOKEN_PROMETHEUS"),
         ApiTokenConfig(user="dr-a", role="radiologist", token_env="TOKEN_DR_A"),
         ApiTokenConfig(user="dr-b", role="radiologist", token_env="TOKEN_DR_B"),
         ApiTokenConfig(user="dr-c", role="radiologist", token_env="TOKEN_DR_C_UNSET")])
@@ -66,6 +68,21 @@ def test_roles_decide_what_a_token_may_do(client: TestClient) -> None:
     assert client.get("/api/system", headers=AUTH).status_code == 200
     # an unset variable disables that user; a wrong token is refused
     assert client.get("/api/me", headers={"Authorization": "Bearer "}).status_code == 401
+
+
+def test_the_monitoring_role_reads_metrics_and_nothing_else(client: TestClient) -> None:
+    scraper = {"Authorization": "Bearer token-of-prometheus"}
+    assert client.get("/api/me", headers=scraper).json() == {"user": "prometheus",
+                                                              "role": "monitoring"}
+    r = client.get("/metrics", headers=scraper)
+    assert r.status_code == 200 and "triage_node_queue_depth" in r.text
+    assert client.get("/metrics", headers=AUTH).status_code == 200
+    for path in ("/api/worklist", "/api/studies/some-key", "/api/rules", "/api/detectors",
+                 "/api/events"):
+        assert client.get(path, headers=scraper).status_code == 403, path
+    denied = client.get("/metrics", headers=DR_A)
+    assert denied.status_code == 403
+    assert "needs the monitoring role" in denied.json()["detail"]
 
 
 def test_claim_conflict_release_and_read(node: Node, client: TestClient) -> None:

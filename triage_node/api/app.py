@@ -117,6 +117,10 @@ def _admin(principal: Annotated[Principal, Depends(_authenticate)]) -> Principal
     return check_role(principal, "admin")
 
 
+def _monitoring(principal: Annotated[Principal, Depends(_authenticate)]) -> Principal:
+    return check_role(principal, "monitoring")
+
+
 def _stream_reader(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -132,6 +136,10 @@ def _stream_reader(
 Radiologist = Annotated[Principal, Depends(_radiologist)]
 """Any configured user (admins have the radiologist role too)."""
 Admin = Annotated[Principal, Depends(_admin)]
+Monitoring = Annotated[Principal, Depends(_monitoring)]
+"""The Prometheus scraper's role (and admins): operational figures, no patient data."""
+Authenticated = Annotated[Principal, Depends(_authenticate)]
+"""Any configured user, whatever the role."""
 StreamReader = Annotated[Principal, Depends(_stream_reader)]
 
 
@@ -170,12 +178,12 @@ def create_app(node: Node, *, sse_keepalive_seconds: float = 15.0) -> FastAPI:
 
     @app.get("/metrics", tags=["system"], response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-    def metrics(_: Radiologist) -> Response:
-        """Prometheus metrics (text exposition format); any role's token."""
+    def metrics(_: Monitoring) -> Response:
+        """Prometheus metrics (text exposition format); a monitoring or admin token."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/me", tags=["system"])
-    def me(principal: Radiologist) -> dict[str, str]:
+    def me(principal: Authenticated) -> dict[str, str]:
         """Who the token belongs to and its role (for the console)."""
         return {"user": principal.user, "role": principal.role}
 

@@ -2,9 +2,10 @@
 
 Each configured user has a token (read from the environment variable its config entry names),
 a role and a user name. ``radiologist`` may read the worklist, studies, detectors and rules,
-claim, release, mark read and give feedback; ``admin`` may do all that plus rules reload and
-explain, re-runs, outbox retries, system details and the audit log. The legacy single
-``api.token_env`` is the user ``admin`` with the admin role.
+claim, release, mark read and give feedback; ``monitoring`` may read ``/metrics`` only (the
+Prometheus scraper's token, which must not read the worklist); ``admin`` may do all that plus
+rules reload and explain, re-runs, outbox retries, system details and the audit log. The
+legacy single ``api.token_env`` is the user ``admin`` with the admin role.
 
 Tokens are compared in constant time against every configured token, so the time taken does
 not tell which user's token was nearly right.
@@ -20,7 +21,7 @@ from fastapi import HTTPException, status
 
 from triage_node.config.models import ApiConfig
 
-ROLES: tuple[str, ...] = ("radiologist", "admin")
+ROLES: tuple[str, ...] = ("radiologist", "monitoring", "admin")
 LEGACY_ADMIN_USER = "admin"
 
 

@@ -102,9 +102,10 @@ class ApiTokenConfig(_Strict):
     user: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
     """Who the token belongs to (staff, e.g. ``dr-a``); recorded on claims, reads, feedback
     and in the audit log."""
-    role: Literal["radiologist", "admin"]
-    """``radiologist``: worklist, claims, reads, feedback. ``admin``: all of that and rules
-    reload, re-runs, outbox retries, system details, audit."""
+    role: Literal["radiologist", "monitoring", "admin"]
+    """``radiologist``: worklist, claims, reads, feedback. ``monitoring``: ``/metrics`` only
+    (a Prometheus scraper). ``admin``: all of that and rules reload, re-runs, outbox retries,
+    system details, audit."""
     token_env: str = Field(min_length=1)
     """Environment variable holding the token; unset or empty disables this user."""
 
