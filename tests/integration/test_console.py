@@ -180,6 +180,38 @@ def test_worklist_orders_colours_and_updates_live(browser: Browser, site: Site) 
     b.close()
 
 
+def test_worklist_pages(browser: Browser, site: Site) -> None:
+    a = Tab(browser, site, site.dr_a, "/console/?per_page=1")
+    page = a.page
+    expect(page.locator("#per-page")).to_have_value("1")
+    expect(page.locator("#rows tr")).to_have_count(1)
+    expect(_row(page, site.bleed_key)).to_be_visible()  # worklist order: critical first
+    expect(page.locator("#count")).to_have_text("Studies 1–1 of 2")
+    previous = page.get_by_role("button", name="Previous page")
+    following = page.get_by_role("button", name="Next page")
+    expect(previous).to_be_disabled()
+    following.click()
+    expect(_row(page, site.normal_key)).to_be_visible()
+    expect(page.locator("#rows tr")).to_have_count(1)
+    expect(page.locator("#count")).to_have_text("Studies 2–2 of 2")
+    expect(following).to_be_disabled()
+    previous.click()
+    expect(_row(page, site.bleed_key)).to_be_visible()
+    # a filter starts again from the first page
+    following.click()
+    expect(page.locator("#count")).to_have_text("Studies 2–2 of 2")
+    page.locator("#filter-tier").select_option("negative")
+    expect(page.locator("#count")).to_have_text("Studies 1–1 of 1")
+    expect(_row(page, site.normal_key)).to_be_visible()
+    page.locator("#filter-tier").select_option("")
+    page.locator("#per-page").select_option("25")
+    expect(page.locator("#rows tr")).to_have_count(2)
+    expect(page.locator("#count")).to_have_text("Studies 1–2 of 2")
+    expect(previous).to_be_disabled()
+    expect(following).to_be_disabled()
+    a.close()
+
+
 def test_study_page_timeline_findings_feedback_pictures(browser: Browser, site: Site) -> None:
     a = Tab(browser, site, site.dr_a)
     _row(a.page, site.bleed_key).get_by_role("link", name="Open").click()

@@ -4,10 +4,27 @@ import {
   announce, api, fmtAgo, fmtTime, h, liveEvents, startPage, tierBadge, tierOf,
 } from "/console/assets/common.js";
 
-const PAGE_SIZE = 100;
+// Rows per page: the choices offered; `?per_page=N` (1–1000) in the address picks another.
+const PAGE_SIZES = [25, 50, 100, 200];
+const DEFAULT_PAGE_SIZE = 100;
 const REORDERING = new Set(["processed", "delivered", "rerun", "lagged"]);
 let me = null;
 let reloadTimer = null;
+let offset = 0;
+
+function pageSize() {
+  return Number(document.getElementById("per-page").value) || DEFAULT_PAGE_SIZE;
+}
+
+function setUpPageSizes() {
+  const select = document.getElementById("per-page");
+  const asked = Number(new URLSearchParams(window.location.search).get("per_page"));
+  const chosen = Number.isInteger(asked) && asked >= 1 && asked <= 1000
+    ? asked : DEFAULT_PAGE_SIZE;
+  const sizes = [...new Set([...PAGE_SIZES, chosen])].sort((x, y) => x - y);
+  select.replaceChildren(...sizes.map((n) => h("option", { value: String(n) }, String(n))));
+  select.value = String(chosen);
+}
 
 const STATUS_LABELS = {
   receiving: "receiving", queued: "queued", processing: "processing",
@@ -16,7 +33,7 @@ const STATUS_LABELS = {
 };
 
 function query() {
-  const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  const params = new URLSearchParams({ limit: String(pageSize()), offset: String(offset) });
   const tier = document.getElementById("filter-tier").value;
   if (tier) params.append("tier", tier);
   if (document.getElementById("filter-unread").checked) params.set("read", "false");
@@ -81,9 +98,24 @@ async function load() {
   if (!data.length) {
     body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No study matches.")));
   }
-  const total = headers.get("X-Total-Count") || String(data.length);
+  const total = Number(headers.get("X-Total-Count") || data.length);
+  if (!data.length && offset > 0 && total > 0) {
+    // The page emptied under us (studies read, filter changed): go to the last one.
+    offset = Math.max(0, Math.floor((total - 1) / pageSize()) * pageSize());
+    await load();
+    return;
+  }
+  const first = data.length ? offset + 1 : 0;
   document.getElementById("count").textContent =
-    `${data.length} of ${total} studies${Number(total) > data.length ? " (first page)" : ""}`;
+    `Studies ${first}–${offset + data.length} of ${total}`;
+  document.getElementById("page-prev").disabled = offset === 0;
+  document.getElementById("page-next").disabled = offset + data.length >= total;
+}
+
+function turnPage(step) {
+  offset = Math.max(0, offset + step * pageSize());
+  load().then(() => document.getElementById("rows").closest("table").focus())
+    .catch((err) => announce(`Could not load the worklist: ${err.message}`, { error: true }));
 }
 
 function replaceRow(item) {
@@ -130,7 +162,14 @@ function onEvent(type, data) {
 
 startPage("worklist", async (principal) => {
   me = principal;
-  document.getElementById("filters").addEventListener("change", reloadSoon);
+  setUpPageSizes();
+  // A new filter or page size starts again from the first page.
+  document.getElementById("filters").addEventListener("change", () => {
+    offset = 0;
+    reloadSoon();
+  });
+  document.getElementById("page-prev").addEventListener("click", () => turnPage(-1));
+  document.getElementById("page-next").addEventListener("click", () => turnPage(1));
   document.getElementById("filters").addEventListener("submit", (e) => e.preventDefault());
   await load();
   const live = document.getElementById("live");
