@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 DEBS   := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install debs venv demo test test-gpu lint typecheck unit integration bench clean engine-cxr-pneumothorax engine-ct-chest-nodule
+.PHONY: help install debs venv demo test test-gpu lint typecheck unit integration bench clean engine-ct-head-hemorrhage engine-cxr-pneumothorax engine-ct-chest-nodule engine-mr-brain-tumor engine-mg-mass
 
 help:
 	@echo "make demo   - install, then run the whole job on the embedded defaults"
@@ -72,6 +72,14 @@ bench: install
 	$(PY) -m bench.worklist_api
 	$(PY) -m bench.detectors
 
+# Regenerate the committed ct-head-hemorrhage engine, its finding calibration, evaluation and
+# model card (about 35 min on one thread; resumes from trainers/runs/ when interrupted).
+engine-ct-head-hemorrhage: install
+	$(PY) -m trainers train ct-head-hemorrhage --threads 1
+	$(PY) -m trainers calibrate ct-head-hemorrhage --threads 1
+	$(PY) -m trainers evaluate ct-head-hemorrhage --threads 1
+	$(PY) -m trainers card ct-head-hemorrhage
+
 # Regenerate the committed cxr-pneumothorax engine, its evaluation and its model card
 # (about 25 min on one thread; resumes from trainers/runs/ when interrupted).
 engine-cxr-pneumothorax: install
@@ -83,8 +91,23 @@ engine-cxr-pneumothorax: install
 # (about 30 min on one thread; resumes from trainers/runs/ when interrupted).
 engine-ct-chest-nodule: install
 	$(PY) -m trainers train ct-chest-nodule --threads 1
+	$(PY) -m trainers calibrate ct-chest-nodule --threads 1
 	$(PY) -m trainers evaluate ct-chest-nodule --threads 1
 	$(PY) -m trainers card ct-chest-nodule
+
+# Regenerate the committed mr-brain-tumor engine, its evaluation and its model card
+# (about 35 min on one thread; resumes from trainers/runs/ when interrupted).
+engine-mr-brain-tumor: install
+	$(PY) -m trainers train mr-brain-tumor --threads 1
+	$(PY) -m trainers evaluate mr-brain-tumor --threads 1
+	$(PY) -m trainers card mr-brain-tumor
+
+# Regenerate the committed mg-mass engine, its evaluation and its model card
+# (about 20 min on one thread; resumes from trainers/runs/ when interrupted).
+engine-mg-mass: install
+	$(PY) -m trainers train mg-mass --threads 1
+	$(PY) -m trainers evaluate mg-mass --threads 1
+	$(PY) -m trainers card mg-mass
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

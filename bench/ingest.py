@@ -16,6 +16,10 @@ Each receiver gets the study over 1 association, then over 4 (the files split in
 ``storescu`` per part, started together). Figures are instances/s and MB/s from the first
 association request to the last response, and the ratios to Orthanc and storescp.
 
+First it measures what durability costs on this disk: the median ``fdatasync`` of a new
+file and ``fsync`` of its folder, the two flushes triage-node pays before each Success, and
+the ceiling they put on one association.
+
 Then 2,000 instances (4 studies) go to triage-node over 4 associations while its resident
 memory is sampled: the peak (sum over the node's processes) must stay flat, not grow with the
 number of instances received.
@@ -178,6 +182,37 @@ def _process_tree(pid: int | None) -> list[int]:
     return found
 
 
+def flush_costs(folder: Path, count: int = 100) -> tuple[float, float]:
+    """Median seconds of the two flushes triage-node pays per acknowledged instance on the
+    file system of ``folder``: ``fdatasync`` of a new 512 KiB file renamed into a study
+    folder, then ``fsync`` of that folder (spool/store.py, Spool.adopt)."""
+    incoming, study = folder / "incoming", folder / "study"
+    incoming.mkdir(parents=True, exist_ok=True)
+    study.mkdir(exist_ok=True)
+    data = os.urandom(524_288)
+    folder_fd = os.open(study, os.O_RDONLY | os.O_DIRECTORY)
+    files, folders = [], []
+    try:
+        for i in range(count):
+            part = incoming / f"{i}.part"
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            os.write(fd, data)
+            os.replace(part, study / f"{i}.dcm")
+            t0 = time.perf_counter()
+            os.fdatasync(fd)
+            t1 = time.perf_counter()
+            os.close(fd)
+            os.fsync(folder_fd)
+            t2 = time.perf_counter()
+            files.append(t1 - t0)
+            folders.append(t2 - t1)
+    finally:
+        os.close(folder_fd)
+        shutil.rmtree(incoming, ignore_errors=True)
+        shutil.rmtree(study, ignore_errors=True)
+    return float(np.median(files)), float(np.median(folders))
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -204,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing a {args.instances}-instance 512×512 CT…", flush=True)
         files = make_study(work / "study", args.instances, seed=1)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
+        file_s, folder_s = flush_costs(work / "flush")
+        print(f"storage: fdatasync of a new 512 KiB file {file_s * 1000:.2f} ms, fsync of its "
+              f"folder {folder_s * 1000:.2f} ms (medians of 100) → durability alone caps one "
+              f"association at {1 / (file_s + folder_s):.0f} inst/s", flush=True)
         one = [work / "study"]
         four = split(files, 4, work / "split")
         receivers: list[Receiver] = []

@@ -12,7 +12,36 @@ from typing import Any
 
 from trainers.evaluate import EVALUATION_FILE
 from trainers.recipes import DetectorRecipe
-from triage_node.detectors.manifest import load_manifest
+from triage_node.detectors.manifest import Manifest, load_manifest
+
+
+def finding_score_lines(manifest: Manifest, metrics: dict[str, Any]) -> list[str]:
+    """Card lines on the finding score: its calibration (validation) and held-out Brier."""
+    cal = manifest.training.get("finding_calibration")
+    if manifest.finding_calibration is None or not cal:
+        return ["- Finding score: the raw voxel-probability summary (not calibrated)."]
+    held_out = metrics.get("finding_scores") or {}
+    brier = held_out.get("brier")
+    return [
+        f"- Finding score: the probability that a finding is real — Platt scaling (slope "
+        f"{cal['slope']:.3f}, intercept {cal['intercept']:.3f}) fitted by `python -m trainers "
+        f"calibrate` on {cal['findings']} findings ({cal['true_findings']} true) of "
+        f"{cal['cases']} validation phantoms; Brier score there {cal['brier_raw']} raw → "
+        f"{cal['brier_calibrated']} calibrated"
+        + (f", and {brier} on the {held_out['findings']} held-out findings "
+           f"({held_out['true']} true)." if brier is not None else "."),
+        *(
+            [
+                f"- Finding threshold: findings scoring below {manifest.finding_threshold} "
+                f"are not reported — the highest threshold that keeps "
+                f"{cal['target_true_findings_kept']:.0%} of the true validation findings "
+                f"(it keeps {cal['true_findings_kept']} of {cal['true_findings']} true and "
+                f"{cal['false_findings_kept']} of {cal['false_findings']} false ones there)."
+            ]
+            if manifest.finding_threshold is not None and "finding_threshold" in cal
+            else []
+        ),
+    ]
 
 
 def pct(rate: dict[str, Any], digits: int = 2) -> str:
@@ -40,6 +69,23 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
     m = report["metrics"]
     t = manifest.training
     counts = m["counts"]
+    on_phantoms = t.get("data_source", "phantoms") == "phantoms"
+    # The recipe's phantom caveats do not describe an engine trained on a site's own cases.
+    limits = [x for x in recipe.limitations if on_phantoms or "phantom" not in x.lower()]
+    cases = "phantoms" if on_phantoms else "cases"
+    banner = (
+        [
+            "> **Trained on procedural phantoms — no clinical accuracy.** This engine exists to",
+            "> exercise the triage node end to end. It has never seen a patient image and must",
+            "> not be used for diagnosis or triage of real patients.",
+        ]
+        if on_phantoms
+        else [
+            f"> **Trained on a site dataset ({t['data_source']}).** The figures below are what",
+            "> this evaluation measured; a clinical use needs the site's own validation and",
+            "> approval.",
+        ]
+    )
     lines: list[str] = [
         f"# {manifest.name} — model card",
         "",
@@ -47,9 +93,7 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         f"fixtures/engines/{manifest.name}/manifest.json and {EVALUATION_FILE}. "
         "Do not edit by hand. -->",
         "",
-        "> **Trained on procedural phantoms — no clinical accuracy.** This engine exists to",
-        "> exercise the triage node end to end. It has never seen a patient image and must",
-        "> not be used for diagnosis or triage of real patients.",
+        *banner,
         "",
         "## Summary",
         "",
@@ -82,16 +126,20 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         "",
         "## Limits",
         "",
-        *[f"- {item}" for item in recipe.limitations],
-        "- Metrics below are measured on phantoms from the same generator as the training "
-        "data (different seeds): they show that the pipeline works, not how a model would "
-        "do on patients.",
+        *[f"- {item}" for item in limits],
+        (
+            "- Metrics below are measured on phantoms from the same generator as the training "
+            "data (different seeds): they show that the pipeline works, not how a model would "
+            "do on patients."
+            if "dataset" not in report
+            else f"- Metrics below are measured on the {report['split']}."
+        ),
         "",
         "## Training data",
         "",
         f"- {t['data'][:1].upper()}{t['data'][1:]}.",
-        f"- {t['train_cases']} training phantoms ({t['train_bleed_cases']} with a bleed), "
-        f"{t['val_cases']} validation phantoms; seed {t['seed']}.",
+        f"- {t['train_cases']} training {cases} ({t['train_bleed_cases']} with a bleed), "
+        f"{t['val_cases']} validation {cases}; seed {t['seed']}.",
         f"- {t['epochs']} epochs, {t['steps']} steps of {t['batch_size']} crops "
         f"{' × '.join(str(c) for c in t['crop'])}; {t['loss']}; {t['optimizer']}.",
         f"- Wall time on 2 CPU threads: {t['data_minutes']:.1f} min phantom generation + "
@@ -114,6 +162,17 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         "",
         f"- Voxel probability threshold: {manifest.probability_threshold}; connected "
         f"components under {manifest.min_component_ml} mL are dropped.",
+        *(
+            [
+                f"- Border refinement on the acquired image: voxels within "
+                f"{manifest.refine.dilate_voxels} pixels (one slice) of the network's mask "
+                f"with {manifest.refine.min_value:g}–{manifest.refine.max_value:g} HU that "
+                "connect to it (`refine` in the manifest; chosen on the validation split)."
+            ]
+            if manifest.refine is not None and manifest.refine.max_value is not None
+            else []
+        ),
+        *finding_score_lines(manifest, m),
         f"- Study is flagged **critical** when the bleed volume is at least the site's "
         f"`critical_volume_ml`; evaluated at {m['critical_volume_ml']} mL.",
         f"- **Recommended critical volume: {report['recommended_critical_volume_ml']} mL** — "
@@ -183,8 +242,10 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         "",
         "## Speed",
         "",
-        f"Per study on {report['threads']} CPU threads (ONNX Runtime CPU provider), mean / max "
-        "over the held-out set:",
+        f"Per study on {report['threads']} CPU "
+        f"thread{'s' if report['threads'] != 1 else ''} (ONNX Runtime CPU provider), mean / "
+        "max over the held-out set (timed during evaluation; `bench/detectors.py` times "
+        "the detectors alone):",
         "",
         "| Step | Mean (s) | Max (s) |",
         "|---|---|---|",

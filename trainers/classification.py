@@ -6,13 +6,17 @@ calibration and an operating point, so it lives here and ``cli`` dispatches on t
 What is shared is reused: split codes, the node's preprocessing, the ONNX exporter settings,
 the manifest writer and the Wilson interval.
 
-* **data** — phantoms from ``trainers/phantoms/chest_xr.py``, passed through the manifest's
-  preprocessing exactly as the node applies it, cached as float16 (resumable);
+* **data** — phantoms from the recipe's generator (``recipe.phantom``: chest radiographs from
+  ``trainers/phantoms/chest_xr.py``, mammograms from ``trainers/phantoms/mammo.py``), passed
+  through the manifest's preprocessing exactly as the node applies it, cached as float16
+  (resumable);
 * **train** — BCE on the pooled logit, AdamW + OneCycle, horizontal flips, resumable
   checkpoints every epoch, validation AUC every epoch;
 * **export** — Platt scaling fitted on the validation split, operating threshold = the highest
-  calibrated probability that keeps ``target_sensitivity`` on validation, ONNX export of the
-  class-logit-map network with a parity check, manifest with a ``classification`` block;
+  calibrated probability that keeps ``target_sensitivity`` on validation (and, when the recipe
+  asks for one, a second "highly suspicious" threshold = the lowest that keeps
+  ``high_target_specificity``), ONNX export of the class-logit-map network with a parity
+  check, manifest with a ``classification`` block (calibration, thresholds, urgencies);
 * **evaluate** — held-out ``test`` phantoms through the node's ``ClassificationDetector``:
   AUC with a bootstrap 95 % CI, sensitivity/specificity at the operating threshold, by size,
   heatmap pointing game, timings.
@@ -21,6 +25,7 @@ the manifest writer and the Wilson interval.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import itertools
 import json
 import math
@@ -50,7 +55,6 @@ from trainers.export import (
     _versions,
     write_manifest,
 )
-from trainers.phantoms.chest_xr import generate_chest_xr
 from trainers.recipes import CamClassifier, ClassifierRecipe
 from trainers.train import CHECKPOINT, _atomic_save, _progress, resume
 from triage_node.detectors.engines.ort import OnnxRuntimeEngine
@@ -66,10 +70,17 @@ from triage_node.detectors.manifest import (
     sha256_of,
 )
 from triage_node.detectors.transforms import apply_preprocessing, build_preprocessing
+from triage_node.results.identity import derive_uid
 
 EVALUATION_FILE = "evaluation.json"
-#: Pneumothorax size bins (phantom size parameter: 0 small apical … 1 large).
-SIZE_BINS = ((0.0, 0.33, "small"), (0.33, 0.67, "medium"), (0.67, 1.01, "large"))
+#: The chest phantom, the default of :class:`RadiographCase` (older callers and caches).
+_CHEST_GENERATOR = "trainers.phantoms.chest_xr:generate_chest_xr"
+
+
+def phantom_generator(spec: str) -> Any:
+    """The generator function named ``"module:function"`` (a recipe's ``phantom.generator``)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -77,18 +88,36 @@ SIZE_BINS = ((0.0, 0.33, "small"), (0.33, 0.67, "medium"), (0.67, 1.01, "large")
 
 @dataclass(frozen=True)
 class RadiographCase:
-    """One phantom radiograph: where it comes from and what it contains."""
+    """One phantom image: where it comes from and what it contains.
+
+    ``size`` is the finding's size in the generator's own terms (pneumothorax size 0–1, mass
+    diameter in mm), None for a normal; ``generator`` and ``size_argument`` come from the
+    recipe's ``phantom``.
+    """
 
     split: str
     seed: int
     index: int
-    pneumothorax_size: float | None
+    size: float | None
     shape: tuple[int, int]
+    generator: str = _CHEST_GENERATOR
+    size_argument: str = "pneumothorax_size"
 
     def generate(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Image ([0, 1], MONOCHROME2 sense), pneumothorax mask and info."""
+        """Image ([0, 1], MONOCHROME2 sense), finding mask and info."""
         rng = np.random.default_rng([SPLIT_CODES[self.split], self.seed, self.index, 1])
-        return generate_chest_xr(rng, shape=self.shape, pneumothorax_size=self.pneumothorax_size)
+        generate = phantom_generator(self.generator)
+        out: tuple[np.ndarray, np.ndarray, dict[str, Any]] = generate(
+            rng, shape=self.shape, **{self.size_argument: self.size}
+        )
+        return out
+
+
+def _case(recipe: ClassifierRecipe, split: str, seed: int, index: int, size: float | None,
+          shape: tuple[int, int]) -> RadiographCase:
+    phantom = recipe.phantom
+    return RadiographCase(split, seed, index, size, shape, phantom.generator,
+                          phantom.size_argument)
 
 
 def training_case(recipe: ClassifierRecipe, split: str, seed: int, index: int) -> RadiographCase:
@@ -96,27 +125,28 @@ def training_case(recipe: ClassifierRecipe, split: str, seed: int, index: int) -
     rng = np.random.default_rng([SPLIT_CODES[split], seed, index, 0])
     size: float | None = None
     if rng.random() < recipe.training.positive_fraction:
-        size = float(rng.uniform(0.0, 1.0))
-    return RadiographCase(split, seed, index, size, recipe.input_shape[1:])
+        size = float(rng.uniform(*recipe.phantom.size_range))
+    return _case(recipe, split, seed, index, size, recipe.input_shape[1:])
 
 
 def evaluation_cases(recipe: ClassifierRecipe, seed: int) -> list[RadiographCase]:
-    """Held-out cases: half positives with sizes evenly spread over [0, 1], half normals."""
+    """Held-out cases: half positives with sizes evenly spread over the phantom's size range,
+    half normals."""
     spec = recipe.evaluation
     rng = np.random.default_rng([SPLIT_CODES["test"], seed, 0, 0])
     positives = spec.cases // 2
-    sizes = np.linspace(0.0, 1.0, positives)
+    sizes = np.linspace(*recipe.phantom.size_range, positives)
     rng.shuffle(sizes)
     cases: list[RadiographCase] = []
     for i in range(spec.cases):
         shape = spec.shapes[i % len(spec.shapes)]
         size = round(float(sizes[i]), 4) if i < positives else None
-        cases.append(RadiographCase("test", seed, i, size, shape))
+        cases.append(_case(recipe, "test", seed, i, size, shape))
     return cases
 
 
 def map_target(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Fraction of each class-map cell covered by the pneumothorax (area average)."""
+    """Fraction of each class-map cell covered by the finding (area average)."""
     h, w = shape
     rows = mask.shape[0] // h * h
     cols = mask.shape[1] // w * w
@@ -295,6 +325,20 @@ def operating_threshold(probabilities: np.ndarray, labels: np.ndarray, target: f
     return float(np.clip(positives[k - 1], 1e-6, 1 - 1e-6))
 
 
+def specificity_threshold(probabilities: np.ndarray, labels: np.ndarray, target: float) -> float:
+    """The lowest threshold whose specificity on (probabilities, labels) is at least ``target``
+    (an image is called positive at or above the threshold)."""
+    negatives = np.sort(np.asarray(probabilities)[np.asarray(labels) < 0.5])
+    if negatives.size == 0:
+        raise ValueError("no negative case to choose a threshold on")
+    # At most floor((1 - target) · n) negatives may reach the threshold.
+    allowed = math.floor((1.0 - target) * negatives.size + 1e-9)
+    k = negatives.size - allowed  # the k-th smallest negative (1-based) must stay below
+    above = negatives[k - 1]
+    threshold = float(np.nextafter(above, np.inf))
+    return float(np.clip(threshold, 1e-6, 1 - 1e-6))
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     out: np.ndarray = 0.5 * (1.0 + np.tanh(0.5 * x))
     return out
@@ -304,14 +348,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def predict_logits(model: CamClassifier, images: np.ndarray, batch: int = 32) -> np.ndarray:
+def predict_logits(model: CamClassifier, images: np.ndarray, batch: int = 32,
+                   pooling: str = "mean") -> np.ndarray:
     """Image logits of a preprocessed ``[N, y, x]`` stack."""
     model.eval()
     out: list[np.ndarray] = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i : i + batch].astype(np.float32))[:, None]
         x = x.contiguous(memory_format=torch.channels_last)
-        out.append(CamClassifier.logit(model(x)).numpy())
+        out.append(CamClassifier.logit(model(x), pooling).numpy())
     return np.concatenate(out)
 
 
@@ -338,8 +383,8 @@ def train_classifier(
     val_images, val_labels, _ = val_cache.load()
     data_seconds = train_cache.build_seconds() + val_cache.build_seconds()
     console.log(
-        f"{len(images)} training radiographs ({int(labels.sum())} with pneumothorax), "
-        f"{len(val_images)} validation; data {data_seconds:.0f} s"
+        f"{len(images)} training {recipe.phantom.image}s ({int(labels.sum())} with "
+        f"{recipe.phantom.finding}), {len(val_images)} validation; data {data_seconds:.0f} s"
     )
 
     torch.manual_seed(seed)
@@ -360,7 +405,9 @@ def train_classifier(
         optimizer, max_lr=spec.learning_rate, total_steps=epochs * steps_per_epoch, pct_start=0.1
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    map_loss_fn = torch.nn.BCEWithLogitsLoss()
+    map_loss_fn = torch.nn.BCEWithLogitsLoss(
+        pos_weight=torch.tensor(recipe.map_positive_weight)
+    )
     state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "history": []}
     if checkpoint_path.exists():
         expected = {"fingerprint": recipe.fingerprint(), "seed": seed, "epochs": epochs}
@@ -382,16 +429,16 @@ def train_classifier(
                 x = images[batch].astype(np.float32)
                 t = map_targets[batch]
                 flips = rng.random(len(batch)) < spec.flip_probability
-                x[flips] = x[flips, :, ::-1]  # a pneumothorax occurs on either side
+                x[flips] = x[flips, :, ::-1]  # a finding occurs on either side
                 t[flips] = t[flips, :, ::-1]
                 xt = torch.from_numpy(np.ascontiguousarray(x))[:, None]
                 xt = xt.contiguous(memory_format=torch.channels_last)
                 y = torch.from_numpy(labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 class_map = model(xt)
-                loss = loss_fn(CamClassifier.logit(class_map), y)
+                loss = loss_fn(CamClassifier.logit(class_map, recipe.pooling), y)
                 if spec.map_loss_weight > 0:
-                    # Where the pneumothorax is, per class-map cell: dense gradients that get
+                    # Where the finding is, per class-map cell: dense gradients that get
                     # the encoder past the long plateau of image-level labels alone, and a
                     # heatmap that points at the finding. The served logit is unchanged.
                     target = torch.from_numpy(np.ascontiguousarray(t))[:, None]
@@ -406,7 +453,7 @@ def train_classifier(
                     advance=1,
                     status=f"epoch {epoch + 1}/{epochs} loss {np.mean(losses[-20:]):.3f}",
                 )
-            val_logits = predict_logits(model, val_images)
+            val_logits = predict_logits(model, val_images, pooling=recipe.pooling)
             val_loss = float(
                 np.mean(np.logaddexp(0.0, val_logits) - val_labels * val_logits)
             )
@@ -507,25 +554,42 @@ def export_classifier(
         recipe.input_shape[1:]
     )
     val_images, val_labels, _ = val_cache.load()
-    val_logits = predict_logits(model, val_images)
+    val_logits = predict_logits(model, val_images, pooling=recipe.pooling)
     calibration = fit_platt(val_logits, val_labels)
     val_probs = _sigmoid(calibration.slope * val_logits + calibration.intercept)
     target = recipe.training.target_sensitivity
     threshold = operating_threshold(val_probs, val_labels, target)
     val_pred = val_probs >= threshold
     pos, neg = val_labels > 0.5, val_labels < 0.5
+    urgency = recipe.urgency
+    high: float | None = None
+    high_summary: dict[str, float] = {}
+    if urgency.high_target_specificity is not None:
+        high = max(
+            specificity_threshold(val_probs, val_labels, urgency.high_target_specificity),
+            threshold,
+        )
+        high_pred = val_probs >= high
+        high_summary = {
+            "high_threshold_sensitivity": round(float(high_pred[pos].mean()), 4),
+            "high_threshold_specificity": round(float((~high_pred[neg]).mean()), 4),
+        }
     val_summary = {
         "cases": len(val_labels),
         "auc": round(roc_auc(val_labels, val_logits), 4),
         "sensitivity": round(float(val_pred[pos].mean()), 4),
         "specificity": round(float((~val_pred[neg]).mean()), 4),
+        **high_summary,
         "log_loss_calibrated": round(
             float(-np.mean(val_labels * np.log(np.clip(val_probs, 1e-7, 1))
                            + (1 - val_labels) * np.log(np.clip(1 - val_probs, 1e-7, 1)))), 4
         ),
     }
 
-    parity_case = RadiographCase("parity", seed, 0, 0.5, recipe.input_shape[1:])
+    size_range = recipe.phantom.size_range
+    parity_case = _case(
+        recipe, "parity", seed, 0, (size_range[0] + size_range[1]) / 2, recipe.input_shape[1:]
+    )
     image, _, _ = parity_case.generate()
     x = preprocess_image(recipe, image)[None, None].astype(np.float32)
     reference = _torch_map(model, x)
@@ -558,23 +622,26 @@ def export_classifier(
         "train_positive_cases": data["train_positives"],
         "val_cases": data["val_cases"],
         "val_positive_cases": data["val_positives"],
-        "data": (
-            "procedural frontal chest radiograph phantoms (trainers/phantoms/chest_xr.py) "
-            f"rendered at {recipe.input_shape[1]} × {recipe.input_shape[2]} and passed through "
-            f"this manifest's preprocessing; pneumothorax in {spec.positive_fraction:.0%} of "
-            "cases, size uniform from small apical to large; skin-fold, scapula, bulla, "
-            "wire and gastric-bubble decoys on positives and normals alike"
+        "data": recipe.phantom.data.format(
+            shape=f"{recipe.input_shape[1]} × {recipe.input_shape[2]}",
+            positive_fraction=f"{spec.positive_fraction:.0%}",
         ),
         "loss": (
             "BCEWithLogitsLoss on the pooled logit + "
-            f"{spec.map_loss_weight:g} × BCEWithLogitsLoss of the class-logit map against the "
-            "pneumothorax occupancy of each map cell; horizontal flips"
+            f"{spec.map_loss_weight:g} × BCEWithLogitsLoss"
+            + (f" (pos_weight {recipe.map_positive_weight:g})"
+               if recipe.map_positive_weight != 1.0 else "")
+            + f" of the class-logit map against the {recipe.phantom.finding} occupancy of each "
+            "map cell; "
+            + (f"image logit = {recipe.pooling} of the map; " if recipe.pooling != "mean" else "")
+            + "horizontal flips"
         ),
         "optimizer": f"AdamW lr {spec.learning_rate} wd {spec.weight_decay} + OneCycleLR",
         "network": {
             "class": "trainers.recipes.CamClassifier",
             "blocks": "monai.networks.blocks Convolution stem + ResidualUnit ×"
-            f"{len(recipe.network.channels) - 1}, batch norm, ReLU; 1×1 conv head; GAP",
+            f"{len(recipe.network.channels) - 1}, batch norm, ReLU; 1×1 conv head; "
+            + ("GAP" if recipe.pooling == "mean" else f"{recipe.pooling} pooling of the map"),
             **asdict(recipe.network),
             "parameters": sum(p.numel() for p in model.parameters()),
         },
@@ -585,8 +652,12 @@ def export_classifier(
         "history": history,
         "validation": val_summary,
         "weights": WEIGHTS_FILE,
+        # A UID of this trained engine: derived from its sha256, so every trained version
+        # gets a new one (the SR's Device Observer UID is derived per node and version).
+        "device_uid": str(derive_uid("engine", recipe.name, sha256_of(out_dir / ENGINE_FILE))),
         "export": {
-            "exporter": "torch.onnx.export(dynamo=True), static input 1×1×256×256",
+            "exporter": "torch.onnx.export(dynamo=True), static input "
+            f"1×1×{recipe.input_shape[1]}×{recipe.input_shape[2]}",
             "parity_max_abs_diff_reference": diff,
             "parity_max_abs_diff_uniform_noise": noise_diff,
         },
@@ -614,6 +685,11 @@ def export_classifier(
             head_bias=_head_bias(model),
             calibration=calibration,
             target_sensitivity=target,
+            positive_urgency=urgency.positive_urgency,
+            high_threshold=high,
+            high_urgency=urgency.high_urgency,
+            high_target_specificity=urgency.high_target_specificity,
+            pooling=recipe.pooling,
         ),
     )
     manifest_path = out_dir / "manifest.json"
@@ -635,16 +711,16 @@ def evaluate_classifier(
 ) -> dict[str, Any]:
     """Held-out phantoms through the node's ``ClassificationDetector``; writes evaluation.json."""
     from triage_node.detectors.classification import ClassificationDetector
-    from triage_node.detectors.findings import Urgency
     from triage_node.imaging.volume import Volume
 
     console = console or Console()
     detector = ClassificationDetector(engine_dir / "manifest.json", threads=threads)
     specs = evaluation_cases(recipe, seed)
     if cases is not None:
-        pos = [c for c in specs if c.pneumothorax_size is not None][: (cases + 1) // 2]
-        neg = [c for c in specs if c.pneumothorax_size is None][: cases // 2]
+        pos = [c for c in specs if c.size is not None][: (cases + 1) // 2]
+        neg = [c for c in specs if c.size is None][: cases // 2]
         specs = pos + neg
+    margin_mm = recipe.phantom.pointing_margin_mm
     rows: list[dict[str, Any]] = []
     timings: dict[str, list[float]] = {}
     started = time.perf_counter()
@@ -670,21 +746,25 @@ def evaluate_classifier(
             assert result.heatmap is not None
             heat = result.heatmap[0]
             peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            high = detector.spec.high_threshold
             rows.append(
                 {
                     "index": case.index,
                     "truth": bool(mask.any()),
-                    "size": case.pneumothorax_size,
-                    "ptx": info.get("ptx"),
+                    "size": case.size,
+                    **{k: info[k] for k in ("ptx", "mass", "view", "laterality", "density")
+                       if k in info},
                     "decoys": info["decoys"],
                     "shape": list(case.shape),
                     "modality": volume.modality,
                     "probability": round(outcome.probability, 6),
                     "logit": round(outcome.logit, 5),
-                    "positive": result.urgency == Urgency.CRITICAL,
-                    # Pointing game: is the heatmap's peak on the pneumothorax (2-px margin)?
+                    "positive": result.positive,
+                    "urgency": result.urgency.value,
+                    "high": None if high is None else outcome.probability >= high,
+                    # Pointing game: is the heatmap's peak on the finding (within the margin)?
                     "peak_on_finding": (
-                        bool(_dilate(mask)[peak]) if mask.any() else None
+                        bool(_near(mask, peak, spacing, margin_mm)) if mask.any() else None
                     ),
                     "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
                 }
@@ -725,6 +805,12 @@ def evaluate_classifier(
         "specificity": metrics["specificity"]["value"],
         "threshold": detector.manifest.probability_threshold,
     }
+    if "high_sensitivity" in metrics:
+        summary.update({
+            "high_threshold": detector.spec.high_threshold,
+            "high_sensitivity": metrics["high_sensitivity"]["value"],
+            "high_specificity": metrics["high_specificity"]["value"],
+        })
     training = {**manifest.training, "evaluation": summary}
     write_manifest(manifest.model_copy(update={"training": training}), manifest_path)
     return report
@@ -735,6 +821,17 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 
     out: np.ndarray = ndimage.binary_dilation(mask, iterations=2)
     return out
+
+
+def _near(mask: np.ndarray, point: tuple[Any, ...], spacing_mm: float,
+          margin_mm: float | None) -> bool:
+    """Is ``point`` (row, column) on ``mask`` dilated by 2 pixels (``margin_mm`` None) or
+    within ``margin_mm`` of it?"""
+    if margin_mm is None:
+        return bool(_dilate(mask)[point])
+    ys, xs = np.nonzero(mask)
+    d2 = (ys - int(point[0])) ** 2 + (xs - int(point[1])) ** 2
+    return bool(math.sqrt(float(d2.min())) * spacing_mm <= margin_mm)
 
 
 def summarise_classification(
@@ -749,9 +846,20 @@ def summarise_classification(
     auc = roc_auc(truth, logits)
     lo, hi = bootstrap_auc_ci(truth, logits, recipe.evaluation.bootstrap, seed)
     by_size: dict[str, Any] = {}
-    for a, b, name in SIZE_BINS:
+    by_size_high: dict[str, Any] = {}
+    for a, b, name in recipe.phantom.size_bins:
         group = [r for r in rows if r["truth"] and a <= r["size"] < b]
         by_size[name] = _rate(sum(r["positive"] for r in group), len(group))
+        if rows and rows[0].get("high") is not None:
+            by_size_high[name] = _rate(sum(bool(r["high"]) for r in group), len(group))
+    high_metrics: dict[str, Any] = {}
+    if rows and rows[0].get("high") is not None:
+        high = np.array([bool(r["high"]) for r in rows], dtype=bool)
+        high_metrics = {
+            "high_sensitivity": _rate(int((high & truth).sum()), int(truth.sum())),
+            "high_specificity": _rate(int((~high & ~truth).sum()), int((~truth).sum())),
+            "high_sensitivity_by_size": by_size_high,
+        }
     pointing = [r for r in rows if r["truth"] and r["positive"]]
     decoy_normals = [r for r in rows if not r["truth"] and r["decoys"]]
     probs = np.clip(scores, 1e-7, 1 - 1e-7)
@@ -767,7 +875,10 @@ def summarise_classification(
             sum(not r["positive"] for r in decoy_normals), len(decoy_normals)
         ),
         "sensitivity_by_size": by_size,
-        "heatmap_peak_on_pneumothorax": _rate(
+        **high_metrics,
+        # The chest engine's committed evaluation predates the generic name.
+        ("heatmap_peak_on_pneumothorax" if recipe.phantom.finding == "pneumothorax"
+         else "heatmap_peak_on_finding"): _rate(
             sum(bool(r["peak_on_finding"]) for r in pointing), len(pointing)
         ),
         "brier": round(float(np.mean((scores - truth) ** 2)), 4),
@@ -834,6 +945,59 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
     net = t["network"]
     counts = m["counts"]
     cal = spec.calibration
+    phantom = recipe.phantom
+    finding = phantom.finding
+    if spec.high_threshold is not None:
+        urgency_line = (
+            f"- **Urgency:** {spec.high_urgency} when highly suspicious (calibrated probability "
+            f"≥ {spec.high_threshold:.4f}), {spec.positive_urgency} when positive below that "
+            f"(≥ {manifest.probability_threshold:.4f}), negative otherwise; set by "
+            "`classification.positive_urgency`, `high_threshold` and `high_urgency` in the "
+            "manifest."
+        )
+    else:
+        urgency_line = f"- **Urgency:** {spec.positive_urgency} when positive, negative otherwise."
+    peak_key = ("heatmap_peak_on_pneumothorax" if "heatmap_peak_on_pneumothorax" in m
+                else "heatmap_peak_on_finding")
+    margin = (f"within {phantom.pointing_margin_mm:g} mm of the {finding}"
+              if phantom.pointing_margin_mm is not None else f"on the {finding}")
+    high_rows: list[str] = []
+    if "high_sensitivity" in m:
+        high_rows = [
+            f"| Sensitivity at the high (\"highly suspicious\", {spec.high_urgency}) threshold "
+            f"| {pct(m['high_sensitivity'], digits=3)} |",
+            f"| Specificity at the high threshold | {pct(m['high_specificity'], digits=3)} |",
+            *[
+                f"| Sensitivity at the high threshold, {name} {finding} | "
+                f"{pct(rate, digits=3)} |"
+                for name, rate in m["high_sensitivity_by_size"].items()
+            ],
+        ]
+    grid = (f"{manifest.input.shape[1] // math.prod(net['strides'])} × "
+            f"{manifest.input.shape[2] // math.prod(net['strides'])}")
+    heatmap_text = (
+        "The network is a convolutional encoder, global average pooling (GAP) and one linear "
+        "unit. The exported ONNX graph applies the linear unit *before* the pooling, as a "
+        "1 × 1 convolution on the last convolutional block's feature maps, and outputs that "
+        f"{grid} class-logit map. Its mean is "
+        "exactly the image logit (pooling and a linear map commute; checked by the parity "
+        "test), and the map minus the head bias is the class activation map (CAM, Zhou et "
+        "al. 2016). For a GAP + linear head the Grad-CAM weights (the spatial mean of "
+        "∂logit/∂feature) are the head weights divided by the number of locations, so "
+        "Grad-CAM = ReLU(CAM) up to a positive factor, which the normalisation to [0, 1] "
+        "removes. "
+    )
+    lme_text = (
+        "The network is a convolutional encoder and one linear unit applied at every location "
+        "(a 1 × 1 convolution on the last convolutional block's feature maps); the exported "
+        f"ONNX graph outputs that {grid} class-logit map, one logit per cell, trained against "
+        f"the {finding}'s occupancy of each cell. The image logit is the map's log-mean-exp, "
+        "log(mean(exp(map))) (manifest `classification.pooling: logmeanexp`): a soft maximum, "
+        f"so a {finding} in a few cells is not diluted by the rest of the image as a mean "
+        "would dilute it. The map minus the head bias is the class activation map (CAM, Zhou "
+        "et al. 2016); with this pooling Grad-CAM would weight each cell's features by its "
+        "softmax share, the CAM shows the per-cell evidence itself. "
+    )
     lines = [
         f"# {manifest.name} — model card",
         "",
@@ -842,14 +1006,14 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
         "Do not edit by hand. -->",
         "",
         "> **Trained on procedural phantoms — no clinical accuracy.** This engine exists to",
-        "> exercise the triage node end to end on radiographs. It has never seen a patient",
+        f"> exercise the triage node end to end on {phantom.image}s. It has never seen a patient",
         "> image and must not be used for diagnosis or triage of real patients.",
         "",
         "## Summary",
         "",
         f"- **Version:** {manifest.version}",
         f"- **Task:** {manifest.task} — {manifest.description}",
-        f"- **Modalities:** {', '.join(manifest.modalities)} (one frontal image)",
+        f"- **Modalities:** {', '.join(manifest.modalities)} ({phantom.view})",
         f"- **Finding:** {label.finding_type.meaning} ({label.finding_type.scheme} "
         f"{label.finding_type.value}); category {label.category.meaning} "
         f"({label.category.scheme} {label.category.value}); site "
@@ -859,7 +1023,7 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
             if label.anatomic_region
             else "—"
         ),
-        "- **Urgency:** critical when positive, negative otherwise.",
+        urgency_line,
         f"- **Engine:** `{manifest.engine.path}` (ONNX opset {manifest.engine.opset}, "
         f"sha256 `{manifest.engine.sha256[:16]}…`), "
         f"{(engine_dir / manifest.engine.path).stat().st_size / 1e6:.2f} MB",
@@ -880,17 +1044,8 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
         "",
         "## Heatmap: what it is, exactly",
         "",
-        "The network is a convolutional encoder, global average pooling (GAP) and one linear "
-        "unit. The exported ONNX graph applies the linear unit *before* the pooling, as a "
-        "1 × 1 convolution on the last convolutional block's feature maps, and outputs that "
-        f"{manifest.input.shape[1] // math.prod(net['strides'])} × "
-        f"{manifest.input.shape[2] // math.prod(net['strides'])} class-logit map. Its mean is "
-        "exactly the image logit (pooling and a linear map commute; checked by the parity "
-        "test), and the map minus the head bias is the class activation map (CAM, Zhou et "
-        "al. 2016). For a GAP + linear head the Grad-CAM weights (the spatial mean of "
-        "∂logit/∂feature) are the head weights divided by the number of locations, so "
-        "Grad-CAM = ReLU(CAM) up to a positive factor, which the normalisation to [0, 1] "
-        "removes. The node computes ReLU(map − bias) / max, resamples it bilinearly onto "
+        (heatmap_text if spec.pooling == "mean" else lme_text)
+        + "The node computes ReLU(map − bias) / max, resamples it bilinearly onto "
         "the image grid (`DetectorResult.heatmap`), and reports the connected region at or "
         f"above {spec.region_fraction:g} of the maximum that holds the peak (bounding box and "
         "centroid in the finding's measurements). It is coarse (stride "
@@ -899,8 +1054,8 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
         "## Training data",
         "",
         f"- {t['data'][:1].upper()}{t['data'][1:]}.",
-        f"- {t['train_cases']} training radiographs ({t['train_positive_cases']} with a "
-        f"pneumothorax), {t['val_cases']} validation ({t['val_positive_cases']} positive); "
+        f"- {t['train_cases']} training {phantom.image}s ({t['train_positive_cases']} with a "
+        f"{finding}), {t['val_cases']} validation ({t['val_positive_cases']} positive); "
         f"seed {t['seed']}.",
         f"- {t['epochs']} epochs, {t['steps']} steps of {t['batch_size']}; {t['loss']}; "
         f"{t['optimizer']}.",
@@ -930,11 +1085,22 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
         f"probability): the highest that keeps sensitivity ≥ {spec.target_sensitivity:g} on "
         f"validation (validation: AUC {t['validation']['auc']}, sensitivity "
         f"{t['validation']['sensitivity']}, specificity {t['validation']['specificity']}).",
+        *(
+            [
+                f"- High (\"highly suspicious\") threshold **{spec.high_threshold:.4f}**: the "
+                f"lowest that keeps specificity ≥ {spec.high_target_specificity:g} on "
+                "validation, never below the operating threshold (validation: sensitivity "
+                f"{t['validation'].get('high_threshold_sensitivity')}, specificity "
+                f"{t['validation'].get('high_threshold_specificity')}).",
+            ]
+            if spec.high_threshold is not None
+            else []
+        ),
         "",
         "## Held-out evaluation",
         "",
         f"{counts['cases']} phantoms never used in training or calibration ({counts['positives']}"
-        f" with a pneumothorax, sizes spread evenly from small apical to large; "
+        f" with a {finding}, {phantom.evaluation}; "
         f"{counts['normals']} normals), rendered at "
         + ", ".join(f"{s[0]} × {s[1]}" for s in report["shapes"])
         + ", stored as 12-bit values and run through the node's `ClassificationDetector` "
@@ -949,11 +1115,12 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
         f"| Specificity, normals with decoys | "
         f"{pct(m['specificity_normals_with_decoys'], digits=3)} |",
         *[
-            f"| Sensitivity, {name} pneumothorax | {pct(rate, digits=3)} |"
+            f"| Sensitivity, {name} {finding} | {pct(rate, digits=3)} |"
             for name, rate in m["sensitivity_by_size"].items()
         ],
-        f"| Heatmap peak on the pneumothorax (true positives) | "
-        f"{pct(m['heatmap_peak_on_pneumothorax'], digits=3)} |",
+        *high_rows,
+        f"| Heatmap peak {margin} (true positives) | "
+        f"{pct(m[peak_key], digits=3)} |",
         f"| Brier score / log loss (calibrated p) | {m['brier']:.4f} / {m['log_loss']:.4f} |",
         "",
         "Intervals: Wilson 95 % for proportions; AUC by bootstrap.",
@@ -962,14 +1129,15 @@ def render_classification_card(recipe: ClassifierRecipe, engine_dir: Path, roc_p
         "",
         "## Speed",
         "",
-        f"Per radiograph on {report['threads']} CPU thread(s) (ONNX Runtime CPU provider), "
+        f"Per {phantom.image} on {report['threads']} CPU thread(s) (ONNX Runtime CPU provider), "
         "mean / max over the held-out set:",
         "",
         "| Step | Mean (s) | Max (s) |",
         "|---|---|---|",
         *[f"| {k} | {v['mean']:.4f} | {v['max']:.4f} |" for k, v in report["timings_s"].items()],
         "",
-        "`bench/detectors.py` times a 2048 × 2048 radiograph, ONNX Runtime vs PyTorch eager.",
+        f"`bench/detectors.py` times a {phantom.bench_shape[0]} × {phantom.bench_shape[1]} "
+        f"{phantom.image}, ONNX Runtime vs PyTorch eager.",
         "",
     ]
     return "\n".join(lines)

@@ -7,6 +7,7 @@
     python -m trainers evaluate ct-head-hemorrhage [--engine-dir DIR --cases 50]
     python -m trainers evaluate ct-head-hemorrhage --dataset M.yaml [--folds K]
     python -m trainers card ct-head-hemorrhage [--engine-dir DIR --out FILE]
+    python -m trainers calibrate ct-head-hemorrhage [--cases 60 --seed S]
     python -m trainers build-engine ct-head-hemorrhage [--fp16|--fp32 --workspace-mb N]
     python -m trainers triton ct-head-hemorrhage --repo DIR [--backend onnxruntime|tensorrt]
 """
@@ -22,13 +23,21 @@ import torch
 from rich.console import Console
 
 from trainers.datasets import DatasetError, DatasetManifest, read_manifest
-from trainers.recipes import RECIPES, ClassifierRecipe, DetectorRecipe, NoduleRecipe, get_recipe
+from trainers.recipes import (
+    RECIPES,
+    ClassifierRecipe,
+    DetectorRecipe,
+    NoduleRecipe,
+    TumourRecipe,
+    get_recipe,
+)
 from triage_node.detectors.segmentation import DEFAULT_CRITICAL_VOLUME_ML
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _engine_dir(recipe: DetectorRecipe | ClassifierRecipe, given: Path | None) -> Path:
+def _engine_dir(recipe: DetectorRecipe | ClassifierRecipe | NoduleRecipe,
+                given: Path | None) -> Path:
     return given if given is not None else REPO_ROOT / "fixtures" / "engines" / recipe.name
 
 
@@ -97,6 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     card.add_argument("--engine-dir", type=Path, default=None)
     card.add_argument("--out", type=Path, default=None)
 
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="fit the finding-score calibration on validation phantoms (segmentation)",
+    )
+    common(calibrate)
+    calibrate.add_argument("--engine-dir", type=Path, default=None)
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--cases", type=int, default=None,
+                           help="validation phantoms (default 60)")
+
     from trainers.gpu_export import add_parsers
 
     add_parsers(sub, common)  # build-engine, triton (docs/engines.md)
@@ -114,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_dir = args.engine_dir or REPO_ROOT / "fixtures" / "engines" / recipe.name
         return run_gpu_command(args, engine_dir, console)
     torch.set_num_threads(args.threads)
+    if args.command == "calibrate":
+        return _calibrate(args, recipe, console)
     dataset = _dataset(args, recipe)
     if isinstance(recipe, ClassifierRecipe):
         return _classification(args, recipe, console)
@@ -121,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainers.nodules import run_command
 
         return run_command(args, recipe, console)
+    if isinstance(recipe, TumourRecipe):
+        from trainers.brain_tumor import run_command as run_tumour_command
+
+        return run_tumour_command(args, recipe, console)
 
     if args.command == "train":
         from trainers.export import export_engine
@@ -197,6 +222,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.log(f"model card written: {out}")
         return 0
     return 2
+
+
+def _calibrate(args: argparse.Namespace, recipe: object, console: Console) -> int:
+    """``calibrate``: finding-score calibration of a segmentation engine (trainers.calibrate)."""
+    from trainers.calibrate import DEFAULT_CASES, calibrate_findings
+
+    if not isinstance(recipe, DetectorRecipe | NoduleRecipe):
+        raise SystemExit(
+            f"calibrate: {args.detector} is calibrated by its own training (classifiers are "
+            "Platt-scaled at export); this command is for ct-head-hemorrhage and "
+            "ct-chest-nodule"
+        )
+    record = calibrate_findings(
+        recipe, _engine_dir(recipe, args.engine_dir), seed=args.seed,
+        cases=args.cases or DEFAULT_CASES, threads=args.threads, console=console,
+    )
+    console.log(
+        f"finding calibration: {record['findings']} findings ({record['true_findings']} true) "
+        f"on {record['cases']} validation phantoms; slope {record['slope']}, intercept "
+        f"{record['intercept']}; Brier {record['brier_raw']} → {record['brier_calibrated']}; "
+        f"finding threshold {record['finding_threshold']} keeps {record['true_findings_kept']} "
+        f"true and {record['false_findings_kept']} false findings"
+    )
+    return 0
 
 
 def _dataset(args: argparse.Namespace, recipe: object) -> DatasetManifest | None:

@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from trainers.calibrate import brier
 from trainers.data import CaseSpec, evaluation_cases
 from trainers.datasets import (
     DatasetCase,
@@ -122,9 +123,18 @@ def summarise(
                 "specificity": _rate(sum(not flagged(r, v) for r in normals), len(normals)),
             }
         )
+    with_finding = [r for r in rows if r["pred_ml"] > 0]
+    # A finding is true when it overlaps the bleed; any finding on a normal is false.
+    real = [bool(r["dice"]) for r in with_finding]
     return {
         "critical_volume_ml": critical_volume_ml,
         "counts": {"cases": len(rows), "bleeds": len(positives), "normals": len(normals)},
+        "finding_scores": {
+            "findings": len(with_finding),
+            "true": int(sum(real)),
+            "brier": round(brier([r["score"] for r in with_finding], real), 4)
+            if with_finding else None,
+        },
         "sensitivity_critical_ge_min_ml": _rate(
             sum(flagged(r, critical_volume_ml) for r in large), len(large)
         ),

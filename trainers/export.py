@@ -167,10 +167,12 @@ def export_engine(
     data = saved["data"]
     # Prefer the caches' own record: a run that reused a cache spent no time generating it,
     # but the engine still cost that much data.
+    source = str(data.get("source", "phantoms"))
+    cache_fp = recipe.data_fingerprint()
+    if saved.get("dataset"):
+        cache_fp = f"{cache_fp}-dataset-{saved['dataset']}"
     caches = [
-        CaseCache(
-            checkpoint_path.parent / "cache" / f"{split}-{recipe.data_fingerprint()}", 0, (0, 0, 0)
-        )
+        CaseCache(checkpoint_path.parent / "cache" / f"{split}-{cache_fp}", 0, (0, 0, 0))
         for split in ("train", "val")
     ]
     data_seconds = sum(c.build_seconds() for c in caches) or float(state["data_seconds"])
@@ -186,12 +188,16 @@ def export_engine(
         "train_cases": data["train_cases"],
         "train_bleed_cases": data["train_bleeds"],
         "val_cases": data["val_cases"],
+        "data_source": source,
         "data": (
             "procedural head-CT phantoms (trainers/phantoms/head_ct.py) generated on random "
             "acquisition grids and passed through this manifest's preprocessing; "
             f"bleeds in {spec.bleed_fraction:.0%} of cases, log-uniform "
             f"{spec.bleed_ml_range[0]}–{spec.bleed_ml_range[1]} mL, all four kinds; normals "
             "with calcification, dense falx/sinus and bright-rim decoys"
+            if source == "phantoms"
+            else f"the site dataset {source} (manifest fingerprint {saved.get('dataset')}): "
+            f"its train and validation cases, passed through this manifest's preprocessing"
         ),
         "loss": "DiceCELoss(sigmoid=True, batch=True), soft (area-resized) targets",
         "optimizer": f"AdamW lr {spec.learning_rate} + OneCycleLR",
@@ -219,6 +225,7 @@ def export_engine(
         labels=list(recipe.labels),
         probability_threshold=recipe.probability_threshold,
         min_component_ml=recipe.min_component_ml,
+        refine=recipe.refine,
         engine=EngineFileSpec(
             path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
         ),

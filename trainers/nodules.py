@@ -32,7 +32,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy import ndimage
 
-from trainers.card import num, pct
+from trainers.calibrate import brier
+from trainers.card import finding_score_lines, num, pct
 from trainers.data import SPLIT_CODES
 from trainers.evaluate import EVALUATION_FILE, _dice, _phantom_volume, _rate
 from trainers.export import (
@@ -583,6 +584,7 @@ def export_nodules(
         probability_threshold=recipe.probability_threshold,
         min_component_ml=recipe.min_component_ml,
         postprocess="nodules",
+        refine=recipe.refine,
         engine=EngineFileSpec(
             path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
         ),
@@ -862,7 +864,14 @@ def summarise_nodules(
     nodule_dice = [r["dice"] for r in detected]
     side_ok = sum(1 for r in detected if r["pred_side"] == r["side"])
     juxta = [r for r in nodules if r["juxtapleural"]]
+    scored = [(c[0], c[2] > 0) for c in candidates]
     return {
+        "finding_scores": {
+            "findings": len(scored),
+            "true": sum(1 for _, hit in scored if hit),
+            "brier": round(brier([sc for sc, _ in scored], [hit for _, hit in scored]), 4)
+            if scored else None,
+        },
         "counts": {
             "cases": len(rows),
             "cases_with_nodules": len(with_nodules),
@@ -1001,7 +1010,23 @@ def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
         "over the nodule's slices, between voxel centres plus one pixel (how a radiologist "
         "measures a nodule on the axial image) |",
         "| `short_axis_diameter_mm` | width perpendicular to the long axis on that slice |",
-        "| Score | highest voxel probability inside the nodule (not calibrated) |",
+        "| Score | highest voxel probability inside the nodule, calibrated (below); "
+        "`raw_score` keeps the uncalibrated value |",
+        "",
+        *(
+            [
+                f"Each nodule's border is redrawn on the acquired image: voxels above "
+                f"{manifest.refine.min_value:g} HU within {manifest.refine.dilate_voxels} "
+                "pixels (one slice) of the network's mask that connect to it, holes filled, "
+                f"then an in-plane opening of radius {manifest.refine.open_voxels} pixels "
+                "(cuts vessel stubs); `refine` in the manifest, chosen on the validation "
+                "split.",
+                "",
+            ]
+            if manifest.refine is not None
+            else []
+        ),
+        *finding_score_lines(manifest, m),
         "",
         f"Urgency: **urgent** when any nodule's long-axis diameter is at least "
         f"{report['urgent_diameter_mm']:g} mm (a mass; site-tunable as `urgent_diameter_mm` "

@@ -12,17 +12,19 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers import Act, Norm
 from monai.networks.nets import UNet
 
+from trainers.phantoms.brain_mr import PHANTOM_VERSION as MR_PHANTOM_VERSION
 from trainers.phantoms.chest_ct import NODULE_PHANTOM_VERSION
 from trainers.phantoms.chest_xr import PHANTOM_VERSION as CXR_PHANTOM_VERSION
 from trainers.phantoms.head_ct import PHANTOM_VERSION
-from triage_node.detectors.manifest import CodeSpec, LabelSpec, TransformSpec
+from trainers.phantoms.mammo import PHANTOM_VERSION as MG_PHANTOM_VERSION
+from triage_node.detectors.manifest import CodeSpec, LabelSpec, RefineSpec, TransformSpec
 
 Grid = tuple[tuple[int, int, int], tuple[float, float, float]]
 """(shape, spacing) of an acquisition grid, both (z, y, x)."""
@@ -128,6 +130,8 @@ class DetectorRecipe:
     evaluation: EvaluationSpec
     intended_use: str
     limitations: tuple[str, ...] = field(default_factory=tuple)
+    refine: RefineSpec | None = None
+    """Image-guided border refinement the node applies to this engine's masks (manifest)."""
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes what training produces (for resume)."""
@@ -183,6 +187,10 @@ CT_HEAD_HEMORRHAGE = DetectorRecipe(
     labels=(_HEMORRHAGE,),
     probability_threshold=0.5,
     min_component_ml=0.1,
+    # Acute blood is 50–90 HU; 46 HU separates it from grey matter (~38 HU) with the noise,
+    # 110 HU keeps the skull and calcifications out. Chosen on the validation split (mean Dice
+    # 0.82 → 0.92 on 23 bleeds; docs/detectors/ct-head-hemorrhage.md).
+    refine=RefineSpec(min_value=46.0, max_value=110.0, dilate_voxels=2, open_voxels=0),
     network=NetworkSpec(channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2),
     training=TrainingSpec(
         train_cases=320,
@@ -221,20 +229,224 @@ CT_HEAD_HEMORRHAGE = DetectorRecipe(
         "mixed-density bleeds, motion, metal and post-operative changes are not represented.",
         "Input is a single axial non-contrast series covering the whole head; other "
         "orientations, fields of view or contrast-enhanced studies are out of scope.",
+        "The network's coarse mask (80 × 160 × 160) is redrawn on the acquired image: voxels "
+        "within 2 pixels (1 slice) of it at 46–110 HU that connect to it. Volumes and Dice "
+        "therefore depend on the bleed being hyperdense; a bleed outside that range keeps "
+        "the network's coarser border.",
     ),
 )
 
-RECIPES: dict[str, DetectorRecipe | ClassifierRecipe | NoduleRecipe] = {
+RECIPES: dict[str, DetectorRecipe | ClassifierRecipe | NoduleRecipe | TumourRecipe] = {
     CT_HEAD_HEMORRHAGE.name: CT_HEAD_HEMORRHAGE
 }
 
 
-def get_recipe(name: str) -> DetectorRecipe | ClassifierRecipe | NoduleRecipe:
+def get_recipe(
+    name: str,
+) -> DetectorRecipe | ClassifierRecipe | NoduleRecipe | TumourRecipe:
     """The recipe called ``name``; ``KeyError`` lists the known names otherwise."""
     try:
         return RECIPES[name]
     except KeyError:
         raise KeyError(f"unknown detector {name!r}; known: {', '.join(sorted(RECIPES))}") from None
+
+
+# --- brain MR tumours (3-D segmentation + midline shift proxy) -------------------------------
+
+
+@dataclass(frozen=True)
+class TumourTrainingSpec:
+    """FLAIR-like brain phantoms and the schedule (one CPU thread, about 20 minutes)."""
+
+    train_cases: int
+    val_cases: int
+    tumour_fraction: float
+    tumour_ml_range: tuple[float, float]
+    """Training tumour volumes are log-uniform in this range (wider than the evaluation's)."""
+    thick_fraction: float
+    """Share of 2-D axial acquisitions (4–6 mm slices); the rest are 1 mm 3-D volumes."""
+    epochs: int
+    batch_size: int
+    crop: tuple[int, int, int]
+    positive_crop_fraction: float
+    """Share of crops centred on a tumour voxel."""
+    midline_crop_fraction: float
+    """Share of crops centred on a midline-band voxel (the septum pellucidum)."""
+    learning_rate: float
+    weight_decay: float
+    flip_probability: float = 0.5
+    output_prior: float = 0.01
+    val_every_epochs: int = 10
+
+
+@dataclass(frozen=True)
+class TumourEvaluationSpec:
+    """Held-out brain phantoms on realistic MR grids (never the model grid)."""
+
+    cases: int
+    tumours: int
+    tumour_ml_range: tuple[float, float]
+    grids: tuple[Grid, ...]
+    sensitivity_min_ml: float = 5.0
+    """The urgent flag must catch every tumour at least this large (or with a true midline
+    shift of at least the urgent shift)."""
+    urgent_sweep_ml: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+    bootstrap: int = 2000
+
+
+@dataclass(frozen=True)
+class TumourRecipe:
+    """A 3-D segmentation detector of brain tumours whose second output channel segments the
+    midline band (septum pellucidum) for a midline shift measurement."""
+
+    name: str
+    version: str
+    description: str
+    modalities: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    preprocessing: tuple[TransformSpec, ...]
+    labels: tuple[LabelSpec, ...]
+    probability_threshold: float
+    min_component_ml: float
+    urgent_volume_ml: float
+    urgent_shift_mm: float
+    network: NetworkSpec
+    training: TumourTrainingSpec
+    evaluation: TumourEvaluationSpec
+    intended_use: str
+    limitations: tuple[str, ...] = field(default_factory=tuple)
+    task: str = "segmentation"
+    postprocess: str = "brain_tumor"
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes what training produces (for resume)."""
+        payload = {
+            "input_shape": self.input_shape,
+            "preprocessing": [s.model_dump() for s in self.preprocessing],
+            "network": asdict(self.network),
+            "training": asdict(self.training),
+            "phantom_version": MR_PHANTOM_VERSION,
+        }
+        return short_hash(payload)
+
+    def data_fingerprint(self) -> str:
+        """Short hash of what the cached training data depends on (not the schedule)."""
+        t = self.training
+        payload = {
+            "input_shape": self.input_shape,
+            "preprocessing": [s.model_dump() for s in self.preprocessing],
+            "cases": (t.train_cases, t.val_cases, t.tumour_fraction, t.tumour_ml_range),
+            "thick_fraction": t.thick_fraction,
+            "phantom_version": MR_PHANTOM_VERSION,
+        }
+        return short_hash(payload)
+
+
+MR_BRAIN_TUMOR = TumourRecipe(
+    name="mr-brain-tumor",
+    version="0.1.0",
+    description=(
+        "Segments brain tumours (solid part and necrotic core, not the surrounding oedema) on "
+        "FLAIR-like brain MR and measures a midline shift proxy from a second segmented "
+        "structure, the septum pellucidum; a large tumour or a shifted midline makes the "
+        "study urgent. Trained on procedural phantoms only: a pipeline demonstrator, no "
+        "clinical accuracy."
+    ),
+    modalities=("MR",),
+    input_shape=(48, 128, 128),
+    preprocessing=(
+        # Whole field of view to the network grid (about 3–4 mm along z, 1.9 mm in plane for
+        # a 240 mm field of view; area averaging), then the image's own 1st–99th percentiles
+        # to 0–1 without clipping: MR has no absolute units, and tumour and oedema stay above
+        # 1 where the percentile lands on scalp fat.
+        TransformSpec(name="Resize", args={"spatial_size": [48, 128, 128], "mode": "area"}),
+        TransformSpec(
+            name="ScaleIntensityRangePercentiles",
+            args={"lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0, "clip": False},
+        ),
+    ),
+    labels=(
+        LabelSpec(
+            channel=0,
+            label="tumour",
+            category=CodeSpec(value="49755003", meaning="Morphologically Altered Structure"),
+            finding_type=CodeSpec(value="108369006", meaning="Neoplasm"),
+            anatomic_region=CodeSpec(value="12738006", meaning="Brain"),
+        ),
+        # Internal channel: the midline band around the septum pellucidum, used only for the
+        # midline shift measurement and never reported as a finding of its own.
+        LabelSpec(
+            channel=1,
+            label="midline",
+            category=CodeSpec(value="91723000", meaning="Anatomical Structure"),
+            finding_type=CodeSpec(value="261129000", meaning="Midline"),
+            anatomic_region=CodeSpec(value="12738006", meaning="Brain"),
+        ),
+    ),
+    probability_threshold=0.5,
+    # Smaller components (about a 7 mm sphere) are noise or decoys on the network grid.
+    min_component_ml=0.2,
+    urgent_volume_ml=3.0,
+    urgent_shift_mm=5.0,
+    network=NetworkSpec(
+        channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2, out_channels=2
+    ),
+    training=TumourTrainingSpec(
+        train_cases=144,
+        val_cases=8,
+        tumour_fraction=0.75,
+        tumour_ml_range=(0.7, 120.0),
+        thick_fraction=0.5,
+        epochs=100,
+        batch_size=8,
+        crop=(32, 64, 64),
+        positive_crop_fraction=0.45,
+        midline_crop_fraction=0.25,
+        learning_rate=3e-3,
+        weight_decay=1e-5,
+        val_every_epochs=20,
+    ),
+    evaluation=TumourEvaluationSpec(
+        cases=52,
+        tumours=26,
+        tumour_ml_range=(1.0, 100.0),
+        grids=(
+            ((176, 256, 256), (1.0, 0.94, 0.94)),
+            ((28, 256, 256), (5.0, 0.9, 0.9)),
+            ((24, 512, 512), (6.0, 0.45, 0.45)),
+            ((30, 512, 512), (5.0, 0.47, 0.47)),
+        ),
+    ),
+    intended_use=(
+        "Demonstrating and testing the triage node end to end on brain MR: receiving a "
+        "FLAIR-like series, running a 3-D segmentation engine, reporting the tumour with its "
+        "volume and a midline shift measurement as DICOM-SEG/SR and re-ordering the "
+        "worklist. Not for use on patients."
+    ),
+    limitations=(
+        "Trained and evaluated on procedural phantoms only — no clinical accuracy is claimed "
+        "or measured.",
+        "Phantoms are FLAIR-like single-series axial brains with one intra-axial tumour "
+        "(solid rim, optional necrotic core, oedema); T1/T2/contrast-enhanced series, "
+        "extra-axial tumours (meningioma), multiple lesions, haemorrhage, post-operative "
+        "cavities, motion and real anatomy are not represented.",
+        "The tumour mask excludes oedema; its volume is measured on the acquired grid.",
+        "The network sees the whole field of view at about 3–4 × 1.9 × 1.9 mm: tumours of "
+        "about 1 mL are at its detection limit and are under-segmented (small components "
+        "under min_component_ml are dropped), which is what pulls the mean Dice below the "
+        "median. The urgent volume (3 mL) sits below the 5 mL bar the flag is evaluated "
+        "against, to absorb that under-estimation; the sweep in this card shows the trade-off.",
+        "The midline band keeps only its largest connected part: added after the first "
+        "held-out run (seed 0) showed one 73 mm error from a stray band fragment; seed 0 was "
+        "then re-run with the same engine.",
+        "The midline shift is a proxy: the largest lateral distance, over axial slices, of "
+        "the segmented septum pellucidum from the mid-sagittal plane of the head outline. "
+        "It assumes axial slices whose rows run left–right and a head that is not rolled; "
+        "it is not the radiologist's measurement at the foramen of Monro.",
+    ),
+)
+
+RECIPES[MR_BRAIN_TUMOR.name] = MR_BRAIN_TUMOR
 
 
 # --- classification (2-D projection radiographs) -------------------------------------------
@@ -285,8 +497,13 @@ class CamClassifier(torch.nn.Module):
         return out
 
     @staticmethod
-    def logit(class_map: torch.Tensor) -> torch.Tensor:
-        """Image logits ``[B]`` from class-logit maps ``[B, 1, h, w]``."""
+    def logit(class_map: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+        """Image logits ``[B]`` from class-logit maps ``[B, 1, h, w]``: their mean, or with
+        ``pooling="logmeanexp"`` log(mean(exp(map))), a soft maximum (see
+        :class:`~triage_node.detectors.manifest.ClassificationSpec`)."""
+        if pooling == "logmeanexp":
+            flat = class_map.flatten(1)
+            return torch.logsumexp(flat, dim=1) - math.log(flat.shape[1])
         return class_map.mean(dim=(1, 2, 3))
 
 
@@ -337,6 +554,75 @@ class ClassifierEvaluationSpec:
 
 
 @dataclass(frozen=True)
+class ClassifierPhantomSpec:
+    """Which phantom generator makes a classifier's data, and how its finding is described.
+
+    ``generator`` is ``"module:function"``; the function is called as
+    ``fn(rng, shape=(rows, columns), **{size_argument: size})`` (``size`` None for a normal)
+    and returns (image in [0, 1], finding mask, info with ``pixel_spacing_mm`` and
+    ``decoys``). Positive sizes are drawn uniformly in ``size_range``; ``size_bins`` split
+    the held-out sensitivity by size (``size_unit`` "" for the generator's own scale).
+    """
+
+    generator: str
+    version: int
+    size_argument: str
+    size_range: tuple[float, float]
+    size_bins: tuple[tuple[float, float, str], ...]
+    size_unit: str
+    finding: str
+    """The finding in prose, e.g. ``pneumothorax`` or ``mass``."""
+    image: str
+    """One image in prose, e.g. ``radiograph`` or ``mammogram``."""
+    data: str
+    """The training data in prose (the manifest's ``training.data``, after the shape)."""
+    view: str
+    """What one input is, for the card's modality line, e.g. ``one frontal image``."""
+    evaluation: str
+    """How the held-out positives are spread, for the card."""
+    pointing_margin_mm: float | None = None
+    """Pointing game: the heatmap peak counts as on the finding within this distance of its
+    mask; None means within 2 pixels."""
+    bench_shape: tuple[int, int] = (2048, 2048)
+    """Matrix of the image ``bench/detectors.py`` times (rows, columns)."""
+
+
+CXR_PHANTOM = ClassifierPhantomSpec(
+    generator="trainers.phantoms.chest_xr:generate_chest_xr",
+    version=CXR_PHANTOM_VERSION,
+    size_argument="pneumothorax_size",
+    size_range=(0.0, 1.0),
+    size_bins=((0.0, 0.33, "small"), (0.33, 0.67, "medium"), (0.67, 1.01, "large")),
+    size_unit="",
+    finding="pneumothorax",
+    image="radiograph",
+    data=(
+        "procedural frontal chest radiograph phantoms (trainers/phantoms/chest_xr.py) "
+        "rendered at {shape} and passed through this manifest's preprocessing; pneumothorax "
+        "in {positive_fraction} of cases, size uniform from small apical to large; "
+        "skin-fold, scapula, bulla, wire and gastric-bubble decoys on positives and normals "
+        "alike"
+    ),
+    view="one frontal image",
+    evaluation="sizes spread evenly from small apical to large",
+)
+
+
+@dataclass(frozen=True)
+class ClassifierUrgencySpec:
+    """How a classifier's calibrated probability maps to urgency (written to the manifest).
+
+    At or above the operating threshold an image is ``positive_urgency``; with
+    ``high_target_specificity`` set, a second, higher threshold (the lowest that keeps that
+    specificity on validation, never below the operating one) makes it ``high_urgency``.
+    """
+
+    positive_urgency: Literal["critical", "urgent", "routine"] = "critical"
+    high_urgency: Literal["critical", "urgent", "routine"] = "urgent"
+    high_target_specificity: float | None = None
+
+
+@dataclass(frozen=True)
 class ClassifierRecipe:
     """A whole-image classifier of projection radiographs with a CAM heatmap."""
 
@@ -353,6 +639,23 @@ class ClassifierRecipe:
     intended_use: str
     limitations: tuple[str, ...] = field(default_factory=tuple)
     task: str = "classification"
+    phantom: ClassifierPhantomSpec = CXR_PHANTOM
+    urgency: ClassifierUrgencySpec = field(default_factory=ClassifierUrgencySpec)
+    pooling: Literal["mean", "logmeanexp"] = "mean"
+    """How the class-logit map becomes the image logit (manifest ``classification.pooling``):
+    the mean suits findings that cover much of the image (a pneumothorax), the log-mean-exp
+    soft maximum small ones (a mass in a few of the map's cells), for which the mean would
+    dilute the evidence and fight the per-cell loss."""
+    map_positive_weight: float = 1.0
+    """``pos_weight`` of the per-cell map loss: a finding covering a few of the map's cells
+    gets a localisation signal of about this many negative cells' worth, instead of being
+    drowned by the hundreds of empty cells (1: plain BCE)."""
+
+    def _phantom_payload(self) -> dict[str, Any]:
+        # The chest recipe's fingerprints predate ``phantom``: keep them unchanged.
+        if self.phantom == CXR_PHANTOM:
+            return {"phantom_version": self.phantom.version}
+        return {"phantom_version": self.phantom.version, "phantom": self.phantom.generator}
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes what training produces (for resume)."""
@@ -361,7 +664,11 @@ class ClassifierRecipe:
             "preprocessing": [s.model_dump() for s in self.preprocessing],
             "network": asdict(self.network),
             "training": asdict(self.training),
-            "phantom_version": CXR_PHANTOM_VERSION,
+            **self._phantom_payload(),
+            # Only when not the defaults, so that the chest recipe's fingerprint is unchanged.
+            **({"pooling": self.pooling} if self.pooling != "mean" else {}),
+            **({"map_positive_weight": self.map_positive_weight}
+               if self.map_positive_weight != 1.0 else {}),
         }
         return short_hash(payload)
 
@@ -373,7 +680,7 @@ class ClassifierRecipe:
             "preprocessing": [s.model_dump() for s in self.preprocessing],
             "cases": (t.train_cases, t.val_cases, t.positive_fraction),
             "map_grid": self.network.divisor,
-            "phantom_version": CXR_PHANTOM_VERSION,
+            **self._phantom_payload(),
         }
         return short_hash(payload)
 
@@ -501,6 +808,8 @@ class NoduleRecipe:
     limitations: tuple[str, ...] = field(default_factory=tuple)
     task: str = "segmentation"
     postprocess: str = "nodules"
+    refine: RefineSpec | None = None
+    """Image-guided border refinement the node applies to each nodule's mask (manifest)."""
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes what training produces (for resume)."""
@@ -560,6 +869,11 @@ CT_CHEST_NODULE = NoduleRecipe(
     # About a 3 mm sphere (0.014 mL): anything smaller is below the phantom's range.
     min_component_ml=0.01,
     urgent_diameter_mm=30.0,
+    # Solid nodules (−150 to +60 HU) against aerated lung (about −850 HU): −450 HU is the
+    # half-way border; the opening (radius 2 pixels) cuts vessel stubs that would lengthen the
+    # long axis. Chosen on the validation split (17 nodules: Dice 0.90 → 0.99, long-axis
+    # median absolute error 1.33 → 0.40 mm; docs/detectors/ct-chest-nodule.md).
+    refine=RefineSpec(min_value=-450.0, max_value=None, dilate_voxels=2, open_voxels=2),
     network=NetworkSpec(channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2),
     training=NoduleTrainingSpec(
         train_cases=200,
@@ -607,7 +921,114 @@ CT_CHEST_NODULE = NoduleRecipe(
         "patch-based inference would be needed. It is a mass (≥ 30 mm) flag first.",
         "The long-axis diameter is the longest in-plane (axial) diameter of the segmented "
         "mask on the acquired grid, measured between voxel centres plus one pixel.",
+        "Each nodule's border is redrawn on the acquired image (voxels above −450 HU within "
+        "2 pixels of the network's mask, then an in-plane opening of radius 2 pixels that "
+        "cuts vessel stubs): diameters and volumes assume a solid nodule in aerated lung; "
+        "ground-glass or part-solid nodules and nodules in consolidation are not measured "
+        "correctly by it.",
     ),
 )
 
 RECIPES[CT_CHEST_NODULE.name] = CT_CHEST_NODULE
+
+
+# --- mammography masses (2-D classification, per image) -------------------------------------
+
+MG_PHANTOM = ClassifierPhantomSpec(
+    generator="trainers.phantoms.mammo:generate_mammogram",
+    version=MG_PHANTOM_VERSION,
+    size_argument="mass_diameter_mm",
+    size_range=(5.0, 40.0),
+    size_bins=((5.0, 10.0, "5–10 mm"), (10.0, 20.0, "10–20 mm"), (20.0, 40.01, "20–40 mm")),
+    size_unit="mm",
+    finding="mass",
+    image="mammogram",
+    data=(
+        "procedural mammogram phantoms (trainers/phantoms/mammo.py; CC and MLO, left and "
+        "right, BI-RADS a–d-like density) rendered at {shape} and passed through this "
+        "manifest's preprocessing; a mass in {positive_fraction} of images (round, oval, "
+        "irregular or spiculated margin, diameter uniform in 5–40 mm, some in dense tissue); "
+        "dense-island, lymph-node, calcification and overlapping-tissue decoys on positives "
+        "and normals alike"
+    ),
+    view="each image of the study on its own (CC and MLO, left and right)",
+    evaluation="diameters spread evenly over 5–40 mm, margins and views drawn",
+    pointing_margin_mm=5.0,
+    bench_shape=(2560, 2048),
+)
+
+MG_MASS = ClassifierRecipe(
+    name="mg-mass",
+    version="0.1.0",
+    description=(
+        "Scores each mammogram (MG, CC or MLO view) for a breast mass, with a "
+        "class-activation heatmap and its peak region; a suspicious image is routine-positive, "
+        "a highly suspicious one urgent, and the study takes its most suspicious image. "
+        "Trained on procedural phantoms only: a pipeline demonstrator, no clinical accuracy."
+    ),
+    modalities=("MG",),
+    # Rows × columns 5:4, like a 24 × 30 cm mammography detector (about 0.75 mm per pixel).
+    input_shape=(1, 320, 256),
+    preprocessing=(
+        # Whole image to the network grid (area averaging), then a window from the image's
+        # own percentiles (air background to the brightest dense tissue and muscle): robust
+        # to 12/14-bit storage and to exposure and processing.
+        TransformSpec(name="Resize", args={"spatial_size": [1, 320, 256], "mode": "area"}),
+        TransformSpec(
+            name="ScaleIntensityRangePercentiles",
+            args={"lower": 0.5, "upper": 99.5, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        ),
+    ),
+    label=LabelSpec(
+        channel=0,
+        label="mass",
+        category=CodeSpec(value="49755003", meaning="Morphologically Altered Structure"),
+        finding_type=CodeSpec(value="4147007", meaning="Mass"),
+        anatomic_region=CodeSpec(value="76752008", meaning="Breast"),
+    ),
+    network=ClassifierNetworkSpec(channels=(16, 32, 48, 96), strides=(2, 2, 2, 2)),
+    training=ClassifierTrainingSpec(
+        train_cases=2000,
+        val_cases=400,
+        positive_fraction=0.5,
+        epochs=12,
+        batch_size=16,
+        learning_rate=2e-3,
+        weight_decay=1e-4,
+        target_sensitivity=0.98,
+    ),
+    evaluation=ClassifierEvaluationSpec(cases=300, shapes=((320, 256), (640, 512))),
+    intended_use=(
+        "Demonstrating and testing the triage node end to end on mammography: receiving a "
+        "screening study of several images (L/R × CC/MLO), analysing every image with a 2-D "
+        "classification engine, writing a heatmap and findings per image as DICOM and "
+        "flagging the study by its most suspicious image. Not for use on patients."
+    ),
+    limitations=(
+        "Trained and evaluated on procedural phantoms only — no clinical accuracy is claimed "
+        "or measured.",
+        "Phantoms model masses (round, oval, irregular, spiculated) in a simplified breast; "
+        "calcifications appear only as decoys (this engine does not flag them), and "
+        "architectural distortion, asymmetry, implants, skin lesions, markers, magnification "
+        "or spot-compression views and real parenchymal patterns are not represented.",
+        "Each image is scored on its own: no comparison of CC with MLO, of left with right, "
+        "or with prior studies, as a reader would do.",
+        "Version 0.1.0 separates masses from dense tissue and decoys poorly even on its own "
+        "phantoms (see the held-out table: the routine threshold flags nearly every image, "
+        "the urgent one few masses), far from the issue's targets. Three schedules were "
+        "tried: mean pooling (no learning in 6 epochs), log-mean-exp pooling (validation AUC "
+        "0.61) and log-mean-exp with a positive-weighted per-cell loss (0.65, shipped). "
+        "Treat it as a pipeline demonstrator for per-image MG analysis, not as a detector.",
+        "The heatmap is a class activation map on a 20 × 16 grid (stride 16 on 320 × 256, "
+        "about 12 mm per cell on a 24 cm detector): it shows where the evidence was, "
+        "coarsely; it is not a segmentation.",
+    ),
+    phantom=MG_PHANTOM,
+    urgency=ClassifierUrgencySpec(
+        positive_urgency="routine", high_urgency="urgent", high_target_specificity=0.97
+    ),
+    pooling="logmeanexp",
+    map_positive_weight=30.0,
+)
+
+RECIPES[MG_MASS.name] = MG_MASS

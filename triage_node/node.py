@@ -14,6 +14,7 @@ from triage_node.config.loader import load_detector_configs
 from triage_node.config.models import DetectorConfig, NodeConfig
 from triage_node.deliver.destinations import build_destinations
 from triage_node.deliver.outbox import Destination, Outbox
+from triage_node.detectors.brain_tumor import BrainTumorDetector
 from triage_node.detectors.classification import ClassificationDetector
 from triage_node.detectors.engines import EngineOptions
 from triage_node.detectors.findings import DetectorResult
@@ -69,7 +70,8 @@ class ResultWriter:
 
 def build_detector(cfg: DetectorConfig) -> DetectorRuntime:
     """The detector a config describes, by its manifest's task (segmentation, classification)
-    and segmentation postprocessing (``nodules``: one finding per nodule)."""
+    and segmentation postprocessing (``nodules``: one finding per nodule; ``brain_tumor``:
+    tumour and midline shift)."""
     manifest = load_manifest(cfg.manifest, verify=False)  # the detector verifies the engine
     options = EngineOptions(fp16=cfg.gpu.fp16, tensorrt_provider=cfg.gpu.tensorrt_provider,
                             device_id=cfg.gpu.device_id, cache_dir=cfg.gpu.cache_dir)
@@ -79,6 +81,10 @@ def build_detector(cfg: DetectorConfig) -> DetectorRuntime:
     if manifest.postprocess == "nodules":
         return NoduleDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
                               urgent_diameter_mm=cfg.urgent_diameter_mm, engine_options=options)
+    if manifest.postprocess == "brain_tumor":
+        return BrainTumorDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
+                                  urgent_volume_ml=cfg.urgent_volume_ml,
+                                  urgent_shift_mm=cfg.urgent_shift_mm, engine_options=options)
     return SegmentationDetector(cfg.manifest, engine_kind=cfg.engine, threads=cfg.threads,
                                 critical_volume_ml=cfg.critical_volume_ml, engine_options=options)
 

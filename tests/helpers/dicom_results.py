@@ -66,7 +66,7 @@ def write_head_ct(
         "body_part_examined": "HEAD",
     }
     args.update(kwargs)
-    return write_ct_series(synthetic_head_hu(shape), spacing, out_dir, **args)  # type: ignore[arg-type]
+    return write_ct_series(synthetic_head_hu(shape), spacing, out_dir, **args)
 
 
 def load_volume(paths: list[Path]) -> Volume:

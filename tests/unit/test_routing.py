@@ -62,10 +62,14 @@ def test_head_ct_by_study_description() -> None:
     assert _router().decide(ctx).matched
 
 
-def test_chest_ct_and_mr_head_do_not_match() -> None:
+def test_chest_ct_does_not_match_and_mr_head_goes_to_the_tumour_detector() -> None:
     chest = _series("CT_small.dcm", BodyPartExamined="CHEST", StudyDescription="CT THORAX")
     assert not _router().decide(_ctx(chest)).matched
-    assert not _router().decide(_ctx(_series("MR_small.dcm", BodyPartExamined="HEAD"))).matched
+    decision = _router().decide(_ctx(_series("MR_small.dcm", BodyPartExamined="HEAD")))
+    assert decision.rule == "mr-brain-tumor"
+    assert decision.detectors == ["mr-brain-tumor"]
+    mr_knee = _series("MR_small.dcm", BodyPartExamined="KNEE", StudyDescription="MR KNEE")
+    assert not _router().decide(_ctx(mr_knee)).matched
 
 
 def test_conditions_must_hold_on_the_same_series() -> None:

@@ -144,3 +144,44 @@ def test_boxed_resampling_equals_whole_volume_trilinear() -> None:
     assert np.allclose(_resample_box(low, maps, whole), reference, atol=1e-6)  # type: ignore[arg-type]
     box = (slice(3, 9), slice(10, 21), slice(5, 33))
     assert np.allclose(_resample_box(low, maps, box), reference[box], atol=1e-6)  # type: ignore[arg-type]
+
+
+def test_the_refined_mask_follows_the_bleed_and_the_score_is_calibrated(
+    detector: SegmentationDetector, bleed_case: tuple[Volume, np.ndarray, dict[str, Any]]
+) -> None:
+    volume, truth, _ = bleed_case
+    spec = detector.manifest.refine
+    assert spec is not None  # the committed engine redraws its border on the image
+    (refined,) = detector.run(volume).findings
+    coarse = SegmentationDetector(ENGINE_DIR / "manifest.json", threads=2)
+    coarse.manifest = coarse.manifest.model_copy(update={"refine": None})
+    (plain,) = coarse.run(volume).findings
+    assert refined.mask is not None and plain.mask is not None
+
+    def dice(mask: np.ndarray) -> float:
+        return 2.0 * np.count_nonzero(mask & truth) / (mask.sum() + truth.sum())
+
+    assert dice(refined.mask) > dice(plain.mask)
+    assert dice(refined.mask) > 0.9
+    # refined voxels are in the blood range, but for filled holes (noise inside the bleed)
+    in_range = volume.array[refined.mask] >= spec.min_value
+    assert in_range.mean() > 0.99
+    raw = refined.measurements["raw_score"]
+    assert refined.score == pytest.approx(detector.calibrated(raw))
+    if detector.manifest.finding_calibration is not None:
+        assert refined.score != raw
+        assert detector.calibrated(0.9) > detector.calibrated(0.6) > detector.calibrated(0.3)
+
+
+def test_findings_below_the_finding_threshold_are_not_reported(
+    bleed_case: tuple[Volume, np.ndarray, dict[str, Any]]
+) -> None:
+    volume, _, _ = bleed_case
+    strict = SegmentationDetector(ENGINE_DIR / "manifest.json", threads=2)
+    (finding,) = strict.run(volume).findings
+    strict.manifest = strict.manifest.model_copy(
+        update={"finding_threshold": min(0.999, finding.score + 1e-3)})
+    result = strict.run(volume)
+    assert result.findings == [] and result.urgency is Urgency.NEGATIVE
+    strict.manifest = strict.manifest.model_copy(update={"finding_threshold": finding.score})
+    assert len(strict.run(volume).findings) == 1

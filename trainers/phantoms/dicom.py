@@ -1,4 +1,9 @@
-"""Write synthetic HU volumes as realistic single-frame CT Image Storage series.
+"""Write synthetic volumes as realistic single-frame CT or MR Image Storage series.
+
+``write_series`` writes both; ``write_ct_series`` (HU) and ``write_mr_series`` (arbitrary MR
+units, e.g. the FLAIR-like phantoms of ``brain_mr.py``) name the modality. An MR series
+follows the MR Image IOD (PS3.3 A.4) instead of the CT Image IOD: MR Image (C.8.3.1) with
+FLAIR acquisition attributes instead of CT Image, unsigned 16-bit pixels and no rescale.
 
 The series follow the CT Image IOD (PS3.3 A.3) with every Type 1 and Type 2 attribute of
 its mandatory modules present, so ``dciodvfy`` reports no errors:
@@ -19,6 +24,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -27,10 +33,11 @@ from pydicom.uid import (
     UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    MRImageStorage,
     generate_uid,
 )
 
-__all__ = ["write_ct_series"]
+__all__ = ["write_ct_series", "write_mr_series", "write_series"]
 
 # Unsigned 12-bit storage with intercept -1024 is what most scanners write; it needs the HU
 # range to fit in [-1024, 3071]. Anything outside falls back to signed 16-bit, intercept 0.
@@ -85,10 +92,35 @@ def _ds_number(value: float) -> str:
 
 
 def write_ct_series(
+    hu: np.ndarray, spacing: tuple[float, float, float], out_dir: Path, **kwargs: Any
+) -> list[Path]:
+    """Write ``hu`` (Hounsfield units) as a CT Image Storage series (see :func:`write_series`)."""
+    return write_series(hu, spacing, out_dir, modality="CT", **kwargs)
+
+
+def write_mr_series(
+    image: np.ndarray,
+    spacing: tuple[float, float, float],
+    out_dir: Path,
+    *,
+    window: tuple[float, float] | None = None,
+    **kwargs: Any,
+) -> list[Path]:
+    """Write ``image`` (non-negative MR units) as an MR Image Storage series of a 2-D axial
+    FLAIR acquisition (see :func:`write_series`); the window defaults to the image's
+    1st–99.5th percentiles."""
+    if window is None:
+        lo, hi = (float(v) for v in np.percentile(image, [1.0, 99.5]))
+        window = ((lo + hi) / 2.0, max(hi - lo, 1.0))
+    return write_series(image, spacing, out_dir, modality="MR", window=window, **kwargs)
+
+
+def write_series(
     hu: np.ndarray,
     spacing: tuple[float, float, float],
     out_dir: Path,
     *,
+    modality: Literal["CT", "MR"] = "CT",
     patient_name: str,
     patient_id: str,
     accession_number: str,
@@ -107,10 +139,12 @@ def write_ct_series(
     origin: tuple[float, float, float] | None = None,
     window: tuple[float, float] = (40.0, 80.0),
 ) -> list[Path]:
-    """Write ``hu`` (Hounsfield units, indexed ``[z, y, x]``) as a CT Image Storage series.
+    """Write ``hu`` (indexed ``[z, y, x]``) as a CT (Hounsfield units) or MR (``modality``;
+    arbitrary units, stored unsigned 16-bit without rescale) Image Storage series.
 
     One PS3.10 file per slice is written to ``out_dir`` (created if missing) as
-    ``CT0001.dcm``, ``CT0002.dcm``… in slice order; the paths are returned in that order.
+    ``CT0001.dcm``, ``CT0002.dcm``… (``MR0001.dcm``… for MR) in slice order; the paths are
+    returned in that order.
 
     ``spacing`` is ``(slice spacing, row spacing, column spacing)`` in mm; Slice Thickness
     equals the slice spacing (contiguous slices). ``origin`` is the Image Position (Patient)
@@ -154,7 +188,12 @@ def write_ct_series(
     for_uid = frame_of_reference_uid or generate_uid()
 
     rounded = np.rint(hu) if np.issubdtype(hu.dtype, np.floating) else hu
-    dtype, pixel_representation, bits_stored, intercept = _storage_for(rounded)
+    if modality == "MR":
+        if rounded.min() < 0 or rounded.max() > 65535:
+            raise ValueError("MR values must lie in [0, 65535] (unsigned 16-bit, no rescale)")
+        dtype, pixel_representation, bits_stored, intercept = np.dtype("<u2"), 0, 16, 0
+    else:
+        dtype, pixel_representation, bits_stored, intercept = _storage_for(rounded)
     # One conversion for the whole volume: per-slice conversions cost more than the writes.
     stored = (rounded.astype(np.int32) - intercept).astype(dtype)
 
@@ -174,6 +213,7 @@ def write_ct_series(
         institutional_department_name=institutional_department_name,
         series_number=series_number,
         when=when,
+        modality=modality,
     )
     base.Rows = rows
     base.Columns = cols
@@ -181,7 +221,10 @@ def write_ct_series(
     base.BitsStored = bits_stored
     base.HighBit = bits_stored - 1
     base.PixelRepresentation = pixel_representation
-    base.RescaleIntercept = _ds_number(intercept)
+    if modality == "CT":
+        base.RescaleIntercept = _ds_number(intercept)
+    else:
+        base.SpacingBetweenSlices = _ds_number(dz)
     base.PixelSpacing = [_ds_number(dy), _ds_number(dx)]
     base.SliceThickness = _ds_number(dz)
     base.WindowCenter = _ds_number(window[0])
@@ -202,8 +245,8 @@ def write_ct_series(
         ds.ImagePositionPatient = [_ds_number(origin[0]), _ds_number(origin[1]), _ds_number(z)]
         ds.SliceLocation = _ds_number(z)
         ds.PixelData = stored[k].tobytes()
-        ds.file_meta = _file_meta(sop_uid)
-        path = out_dir / f"CT{k + 1:04d}.dcm"
+        ds.file_meta = _file_meta(sop_uid, base.SOPClassUID)
+        path = out_dir / f"{modality}{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
@@ -288,8 +331,9 @@ def _series_dataset(
     institutional_department_name: str | None,
     series_number: int,
     when: datetime,
+    modality: str = "CT",
 ) -> Dataset:
-    """The attributes shared by every slice, module by module (PS3.3 A.3.3)."""
+    """The attributes shared by every slice, module by module (PS3.3 A.3.3, A.4.3 for MR)."""
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     texts = (
         patient_name,
@@ -303,8 +347,8 @@ def _series_dataset(
     # SOP Common (C.12.1): declare UTF-8 only when needed; plain ASCII is the default repertoire.
     if any(not t.isascii() for t in texts):
         ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
+    ds.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
     ds.InstanceCreationDate = date
     ds.InstanceCreationTime = time
     # General Study (C.7.2.1)
@@ -318,7 +362,7 @@ def _series_dataset(
     ds.AcquisitionTime = time
     ds.ContentDate = date
     ds.ContentTime = time
-    ds.Modality = "CT"
+    ds.Modality = modality
     # General Equipment (C.7.5.1)
     ds.Manufacturer = "triage-node phantom"
     if institution_name is not None:
@@ -328,18 +372,33 @@ def _series_dataset(
     ds.SeriesDescription = series_description
     if institutional_department_name is not None:
         ds.InstitutionalDepartmentName = institutional_department_name
-    ds.ManufacturerModelName = "synthetic CT"
+    ds.ManufacturerModelName = f"synthetic {modality}"
     # Patient (C.7.1.1)
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = patient_birth_date
     ds.PatientSex = patient_sex
-    # CT Image (C.8.2.1)
     ds.BodyPartExamined = body_part_examined
-    ds.KVP = "120"
     ds.SoftwareVersions = "1"
-    ds.ConvolutionKernel = "STANDARD"
-    # Patient Position is Type 2C, required for CT (C.7.3.1.1.2).
+    if modality == "CT":  # CT Image (C.8.2.1)
+        ds.KVP = "120"
+        ds.ConvolutionKernel = "STANDARD"
+    else:  # MR Image (C.8.3.1): a 2-D turbo spin echo FLAIR (inversion recovery)
+        ds.ScanningSequence = ["SE", "IR"]
+        ds.SequenceVariant = ["SK", "SP"]
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.SequenceName = "tir2d1_16"
+        ds.RepetitionTime = "9000"
+        ds.EchoTime = "120"
+        ds.InversionTime = "2500"
+        ds.EchoTrainLength = 16
+        ds.NumberOfAverages = "1"
+        ds.ImagingFrequency = "63.87"
+        ds.ImagedNucleus = "1H"
+        ds.MagneticFieldStrength = "1.5"
+        ds.FlipAngle = "150"
+    # Patient Position is Type 2C, required for CT and MR (C.7.3.1.1.2).
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
@@ -353,15 +412,16 @@ def _series_dataset(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BurnedInAnnotation = "NO"
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
+    if modality == "CT":
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
     return ds
 
 
-def _file_meta(sop_instance_uid: str) -> FileMetaDataset:
-    """PS3.10 7.1 File Meta Information for one CT instance."""
+def _file_meta(sop_instance_uid: str, sop_class_uid: str = CTImageStorage) -> FileMetaDataset:
+    """PS3.10 7.1 File Meta Information for one CT or MR instance."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID

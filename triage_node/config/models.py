@@ -499,6 +499,12 @@ class DetectorConfig(_Strict):
     urgent_diameter_mm: float = Field(default=30.0, gt=0)
     """Nodule detectors (manifest ``postprocess: nodules``): a nodule whose long-axis
     diameter reaches this makes the study ``urgent`` (30 mm: a lung mass)."""
+    urgent_volume_ml: float = Field(default=3.0, ge=0)
+    """Brain tumour detectors (manifest ``postprocess: brain_tumor``): a tumour at least this
+    large (mL) makes the study ``urgent`` (docs/detectors/mr-brain-tumor.md)."""
+    urgent_shift_mm: float = Field(default=5.0, gt=0)
+    """Brain tumour detectors: a midline shift at least this large (mm) makes the study
+    ``urgent``."""
     enabled: bool = True
     series: SeriesSelection = Field(default_factory=SeriesSelection)
     """Which series of a routed study this detector may analyse (the best one is taken)."""

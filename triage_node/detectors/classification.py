@@ -8,14 +8,18 @@ after Rescale Slope/Intercept) into a :class:`~triage_node.detectors.findings.De
    the network grid, a window from the image's own percentiles, so 12-, 14- and 16-bit
    storage and different exposures give the same network input);
 2. *infer* — the engine, once; its single output is the class-logit map (see
-   :class:`~triage_node.detectors.manifest.ClassificationSpec`): its mean is the image logit;
+   :class:`~triage_node.detectors.manifest.ClassificationSpec`): its mean (or, with
+   ``pooling: logmeanexp``, its log-mean-exp) is the image logit;
 3. *postprocess* — calibrated probability (Platt scaling from the manifest), the class
    activation map ``relu(map - head_bias)`` scaled to [0, 1] and bilinearly resampled
    (half-pixel centred, as ``torch`` ``align_corners=False``) onto the image's own grid as
    ``DetectorResult.heatmap``, and, when the probability reaches the operating threshold, one
    finding with the score, the coded finding type, the peak and the bounding box of the
-   heatmap region holding the peak (in measurements), its centroid in patient coordinates,
-   and urgency CRITICAL.
+   heatmap region holding the peak (in measurements), its centroid in patient coordinates
+   and, for a mammogram with Image Laterality L or R, the side; urgency from the
+   manifest (:meth:`ClassificationDetector.urgency_of`): critical when positive unless the
+   manifest sets a ``positive_urgency`` and a second, higher ``high_threshold`` ("highly
+   suspicious") with its own urgency.
 
 For a network whose head is global average pooling then one linear unit, this CAM *is*
 Grad-CAM up to a positive factor (∂logit/∂feature at every location is the head weight
@@ -35,7 +39,7 @@ import structlog
 from scipy import ndimage
 
 from triage_node.detectors.engines import Engine, EngineOptions, load_engine
-from triage_node.detectors.findings import DetectorResult, Finding, Urgency
+from triage_node.detectors.findings import Code, DetectorResult, Finding, Urgency
 from triage_node.detectors.manifest import ClassificationSpec, Manifest, load_manifest
 from triage_node.detectors.transforms import (
     apply_preprocessing,
@@ -74,6 +78,16 @@ def upsample_bilinear(low: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     cols = interpolation_matrix(shape[1], low.shape[1])
     out: np.ndarray = (rows @ low.astype(np.float32)) @ cols.T
     return out
+
+
+def image_logit(class_map: np.ndarray, pooling: str = "mean") -> float:
+    """The image logit from the class-logit map: its mean, or (``logmeanexp``) the log of
+    the mean of its exponential, computed stably (a soft maximum)."""
+    values = class_map.astype(np.float64).ravel()
+    if pooling == "logmeanexp":
+        top = float(values.max())
+        return top + float(np.log(np.mean(np.exp(values - top))))
+    return float(values.mean())
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,17 @@ class ClassificationDetector:
     def version(self) -> str:
         """The engine version from its manifest."""
         return self.manifest.version
+
+    def urgency_of(self, probability: float) -> Urgency:
+        """The manifest's urgency for a calibrated ``probability``: negative below the
+        operating threshold, ``high_urgency`` at or above ``high_threshold`` when the manifest
+        sets one, ``positive_urgency`` (default critical) otherwise."""
+        if probability < self.manifest.probability_threshold:
+            return Urgency.NEGATIVE
+        high = self.spec.high_threshold
+        if high is not None and probability >= high:
+            return Urgency(self.spec.high_urgency)
+        return Urgency(self.spec.positive_urgency)
 
     def run(self, volume: Volume) -> DetectorResult:
         """Classify the radiograph in ``volume`` (one slice); see :meth:`classify`."""
@@ -208,7 +233,7 @@ class ClassificationDetector:
         return class_map
 
     def _result(self, class_map: np.ndarray, volume: Volume) -> Classification:
-        logit = float(class_map.mean(dtype=np.float64))
+        logit = image_logit(class_map, self.spec.pooling)
         probability = self.spec.calibration.probability(logit)
         cam = np.maximum(class_map - np.float32(self.spec.head_bias), 0.0)
         peak_value = float(cam.max())
@@ -229,7 +254,7 @@ class ClassificationDetector:
             detector=self.name,
             version=self.version,
             findings=findings,
-            urgency=Urgency.CRITICAL if findings else Urgency.NEGATIVE,
+            urgency=self.urgency_of(probability),
             threshold=threshold,
             heatmap=heatmap,
         )
@@ -272,4 +297,21 @@ class ClassificationDetector:
             tracking_id=f"{self.name}/{self.label.label}",
             centroid_mm=centroid_mm,
             measurements=measurements,
+            laterality=_image_laterality(volume),
         )
+
+
+#: Image Laterality (0020,0062) as the SCT qualifiers TID 1500 uses for a finding site.
+_LATERALITY = {
+    "L": Code("7771000", "SCT", "Left"),
+    "R": Code("24028007", "SCT", "Right"),
+}
+
+
+def _image_laterality(volume: Volume) -> Code | None:
+    """The breast a mammogram shows, from its Image Laterality (0020,0062); None for other
+    modalities (a chest radiograph images both sides) and when absent, B or U."""
+    if volume.modality != "MG" or not volume.source_datasets:
+        return None
+    value = str(volume.source_datasets[0].get("ImageLaterality", "")).strip().upper()
+    return _LATERALITY.get(value)

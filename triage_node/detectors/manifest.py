@@ -135,6 +135,28 @@ class CalibrationSpec(_Strict):
         return ez / (1.0 + ez)
 
 
+class RefineSpec(_Strict):
+    """Image-guided refinement of a segmentation mask on the acquired grid.
+
+    The network sees the whole scan on a coarse grid (2–3 mm), so its upsampled mask has
+    coarse borders. Where a finding has a known intensity range in modality units (acute
+    blood 50–90 HU, solid nodules above about −450 HU in aerated lung), the node redraws each
+    finding's border at full resolution: the voxels within ``dilate_voxels`` (in plane; one
+    slice above and below) of the network's mask whose value lies in
+    [``min_value``, ``max_value``] and that connect to it, holes filled slice by slice, then an
+    in-plane opening of radius ``open_voxels`` (removes vessel stubs) — see
+    :func:`triage_node.detectors.refine.refine_mask`. Only the border moves: a finding the
+    network did not report is never created, and the network's score is kept.
+    """
+
+    min_value: float
+    """Lowest modality value (e.g. HU) a finding voxel may have."""
+    max_value: float | None = None
+    """Highest modality value (e.g. HU: excludes bone next to a bleed); None: no limit."""
+    dilate_voxels: int = Field(default=2, ge=0, le=5)
+    open_voxels: int = Field(default=0, ge=0, le=5)
+
+
 class ClassificationSpec(_Strict):
     """How the single output of a ``task: classification`` network is read.
 
@@ -148,6 +170,11 @@ class ClassificationSpec(_Strict):
     """
 
     output: Literal["class_logit_map"] = "class_logit_map"
+    pooling: Literal["mean", "logmeanexp"] = "mean"
+    """How the map becomes the image logit: ``mean`` (the default, as described above), or
+    ``logmeanexp`` = log(mean(exp(map))), a soft maximum for findings that cover only a few
+    cells (a breast mass), trained with the same pooling. The map minus ``head_bias`` is
+    the class activation map either way."""
     head_bias: float
     """Bias of the linear head: ``CAM = map - head_bias``."""
     calibration: CalibrationSpec
@@ -156,6 +183,16 @@ class ClassificationSpec(_Strict):
     region_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
     """The reported region is the connected part of the heatmap at or above this fraction
     of its maximum that holds the peak."""
+    positive_urgency: Literal["critical", "urgent", "routine"] = "critical"
+    """Urgency of an image whose probability reaches ``probability_threshold`` (and not
+    ``high_threshold``). Default critical: a manifest without urgency fields (e.g.
+    ``cxr-pneumothorax``) keeps meaning "critical when positive"."""
+    high_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Optional second, higher operating threshold ("highly suspicious"): an image at or
+    above it is ``high_urgency``. Must not be below ``probability_threshold``."""
+    high_urgency: Literal["critical", "urgent", "routine"] = "urgent"
+    high_target_specificity: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Specificity on the validation split that chose ``high_threshold``."""
 
 
 class Manifest(_Strict):
@@ -173,10 +210,22 @@ class Manifest(_Strict):
     calibrated image probability at or above which the image is positive (classification)."""
     min_component_ml: float = Field(default=0.0, ge=0.0)
     """Connected components smaller than this are discarded as noise (segmentation)."""
-    postprocess: Literal["mask", "nodules"] = "mask"
+    postprocess: Literal["mask", "nodules", "brain_tumor"] = "mask"
     """Segmentation postprocessing: ``mask`` reports one finding per label (all its
     components together); ``nodules`` one finding per connected component, measured
-    (:class:`~triage_node.detectors.nodules.NoduleDetector`)."""
+    (:class:`~triage_node.detectors.nodules.NoduleDetector`); ``brain_tumor`` one tumour
+    finding with a midline shift measured from the second channel
+    (:class:`~triage_node.detectors.brain_tumor.BrainTumorDetector`)."""
+    refine: RefineSpec | None = None
+    """Optional image-guided border refinement of segmentation findings (modality units)."""
+    finding_calibration: CalibrationSpec | None = None
+    """Segmentation: maps the logit of a finding's raw score (its voxel-probability summary)
+    to the probability that the finding is real (Platt scaling fitted on validation
+    phantoms by ``python -m trainers calibrate``); None: the raw score is reported."""
+    finding_threshold: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Segmentation: a finding whose score (calibrated when ``finding_calibration`` is set)
+    is below this is not reported. ``calibrate`` sets it to keep ``target`` (95 %) of the
+    true findings on validation phantoms; None: every finding is reported."""
     engine: EngineFileSpec
     parity: ParitySpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
@@ -195,6 +244,12 @@ class Manifest(_Strict):
                 raise ValueError(
                     f"task classification takes a one-slice input (1, y, x), got "
                     f"{self.input.shape}"
+                )
+            high = self.classification.high_threshold
+            if high is not None and high < self.probability_threshold:
+                raise ValueError(
+                    f"classification.high_threshold {high} is below probability_threshold "
+                    f"{self.probability_threshold}"
                 )
         elif self.classification is not None:
             raise ValueError(f"a 'classification' block is not allowed with task {self.task}")

@@ -6,8 +6,9 @@ for manifests with ``postprocess: nodules``. Instead of one finding per label it
 finding per connected component (26-connectivity) of at least ``min_component_ml``, largest
 first, each with:
 
-* its full-resolution mask, volume (mL, from the acquired spacing) and centroid in patient
-  coordinates (LPS, via :meth:`Volume.voxel_to_patient`);
+* its full-resolution mask (its border redrawn on the image when the manifest has a
+  ``refine`` section: :mod:`.refine`), volume (mL, from the acquired spacing) and centroid
+  in patient coordinates (LPS, via :meth:`Volume.voxel_to_patient`);
 * ``measurements["long_axis_diameter_mm"]``: the longest diameter in the axial plane (the
   maximum Feret diameter over the nodule's slices, as a radiologist measures a nodule on
   the axial image; Fleischner / Lung-RADS), between voxel centres plus one pixel so that a
@@ -16,7 +17,10 @@ first, each with:
 * the side: ``anatomic_region`` is the pre-coordinated SNOMED CT left or right lung
   structure and ``laterality`` the SCT Left/Right qualifier, from the centroid's patient x
   (LPS: +x is the patient's left);
-* ``score``: the highest voxel probability inside the nodule.
+* ``score``: the highest voxel probability inside the nodule, calibrated into the
+  probability that the nodule is real when the manifest has a ``finding_calibration``
+  (``raw_score`` in the measurements keeps the uncalibrated value); nodules scoring below
+  the manifest's ``finding_threshold`` are not reported.
 
 Urgency (PS3.16 has no code for it; the node's worklist tiers): URGENT when any nodule's
 long-axis diameter reaches ``urgent_diameter_mm`` (30 mm: a lung *mass*), ROUTINE when there
@@ -33,7 +37,8 @@ from scipy.spatial import ConvexHull, QhullError
 
 from triage_node.detectors.engines import EngineOptions
 from triage_node.detectors.findings import Code, Finding, Urgency
-from triage_node.detectors.manifest import LabelSpec
+from triage_node.detectors.manifest import LabelSpec, RefineSpec
+from triage_node.detectors.refine import grow_box, refine_mask
 from triage_node.detectors.segmentation import (
     _CONNECTIVITY,
     SegmentationDetector,
@@ -98,6 +103,17 @@ def axial_long_axis_mm(mask: np.ndarray, pixel_mm: tuple[float, float]) -> tuple
         if long_axis > best[0] or best == (0.0, 0.0):
             best = (long_axis, short_axis)
     return best[0] + pixel, best[1] + pixel
+
+
+def _refined(
+    local: np.ndarray, where: tuple[slice, slice, slice], volume: Volume, spec: RefineSpec
+) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """One nodule's mask redrawn on the image (:func:`refine_mask`), in a grown box."""
+    grown = grow_box(where, spec, volume.shape)
+    padded = np.zeros(tuple(s.stop - s.start for s in grown), dtype=bool)
+    padded[tuple(slice(a.start - b.start, a.stop - b.start)
+                 for a, b in zip(where, grown, strict=True))] = local
+    return refine_mask(padded, volume.array[grown], spec), grown
 
 
 class NoduleDetector(SegmentationDetector):
@@ -172,6 +188,11 @@ class NoduleDetector(SegmentationDetector):
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         sizes_ml = sizes * volume.voxel_volume_ml
         keep = [i for i in range(1, count + 1) if sizes_ml[i] >= self.manifest.min_component_ml]
+        # A nodule's score is its peak probability (calibrated): below the manifest's
+        # finding_threshold it is not reported.
+        peaks = ndimage.maximum(probabilities, labels, index=keep) if keep else []
+        keep = [i for i, peak in zip(keep, np.atleast_1d(peaks), strict=True)
+                if self.reportable(self.calibrated(float(peak)))]
         keep = sorted(keep, key=lambda i: -int(sizes[i]))[:MAX_NODULES]
         objects = ndimage.find_objects(labels)
         offset = np.array([box[0].start, box[1].start, box[2].start], dtype=float)
@@ -183,19 +204,20 @@ class NoduleDetector(SegmentationDetector):
                 continue
             local = labels[where] == component
             inside = probabilities[where][local]
-            start = np.array([s.start for s in where], dtype=float) + offset
+            z, y, x = (slice(s.start + int(o), s.stop + int(o))
+                       for s, o in zip(where, offset, strict=True))
+            full_where = (z, y, x)
+            if self.manifest.refine is not None:
+                local, full_where = _refined(local, full_where, volume, self.manifest.refine)
+            start = np.array([s.start for s in full_where], dtype=float)
             centre = np.array(ndimage.center_of_mass(local), dtype=float) + start
             centroid = volume.voxel_to_patient((float(centre[0]), float(centre[1]),
                                                 float(centre[2])))
             long_axis, short_axis = axial_long_axis_mm(local, pixel_mm)
             left = centroid[0] > 0.0
             mask = np.zeros(full_shape, dtype=bool)
-            full_where = tuple(
-                slice(s.start + int(o), s.stop + int(o)) for s, o in zip(where, offset,
-                                                                         strict=True)
-            )
             mask[full_where] = local
-            volume_ml = float(sizes_ml[component])
+            volume_ml = float(np.count_nonzero(local)) * volume.voxel_volume_ml
             findings.append(
                 Finding(
                     label=label.label,
@@ -203,7 +225,7 @@ class NoduleDetector(SegmentationDetector):
                     category=label.category.to_code(),
                     anatomic_region=LEFT_LUNG if left else RIGHT_LUNG,
                     laterality=LEFT if left else RIGHT,
-                    score=float(inside.max()),
+                    score=self.calibrated(float(inside.max())),
                     tracking_id=f"{self.name}/nodule-{number}",
                     mask=mask,
                     volume_ml=volume_ml,
@@ -214,6 +236,7 @@ class NoduleDetector(SegmentationDetector):
                         "volume_ml": volume_ml,
                         "mean_probability": float(inside.mean()),
                         "max_probability": float(inside.max()),
+                        "raw_score": float(inside.max()),
                     },
                 )
             )

@@ -7,9 +7,13 @@
    the network grid, intensity windowing);
 2. *infer* — the engine, once per volume;
 3. *postprocess* — sigmoid, trilinear resampling of the probabilities back onto the acquired
-   grid, threshold, removal of connected components smaller than ``min_component_ml``, then
+   grid, threshold, removal of connected components smaller than ``min_component_ml``, the
+   manifest's optional image-guided border refinement (:mod:`.refine`), then
    one finding per label with its full-resolution mask, volume (from the acquired spacing),
-   centroid in patient coordinates (LPS) and score.
+   centroid in patient coordinates (LPS) and score: the 95th percentile of its voxel
+   probabilities, calibrated by the manifest's ``finding_calibration`` when it has one (the
+   probability that the finding is real, fitted on validation phantoms); a finding below the
+   manifest's ``finding_threshold`` is not reported.
 
 Resampling is done only inside the box that can hold supra-threshold voxels: a trilinear
 value is a convex combination of its eight low-resolution neighbours, so no voxel outside the
@@ -19,6 +23,7 @@ result is exactly that of resampling the whole volume, at a fraction of the cost
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from scipy import ndimage
 from triage_node.detectors.engines import Engine, EngineOptions, load_engine
 from triage_node.detectors.findings import DetectorResult, Finding, Urgency
 from triage_node.detectors.manifest import LabelSpec, Manifest, load_manifest
+from triage_node.detectors.refine import grow_box, refine_mask
 from triage_node.detectors.transforms import (
     apply_preprocessing,
     build_preprocessing,
@@ -219,6 +225,22 @@ class SegmentationDetector:
             timings_s=timings,
         )
 
+    def calibrated(self, raw_score: float) -> float:
+        """A finding's reported score: its raw voxel-probability summary through the
+        manifest's ``finding_calibration`` (Platt scaling of its logit), or the raw score
+        when the manifest has none."""
+        spec = self.manifest.finding_calibration
+        if spec is None:
+            return raw_score
+        p = min(max(raw_score, 1e-6), 1.0 - 1e-6)
+        return spec.probability(math.log(p / (1.0 - p)))
+
+    def reportable(self, score: float) -> bool:
+        """Whether a finding with this (calibrated) score reaches the manifest's
+        ``finding_threshold`` (always, without one)."""
+        threshold = self.manifest.finding_threshold
+        return threshold is None or score >= threshold
+
     def _urgency(self, findings: list[Finding]) -> Urgency:
         """CRITICAL when a finding reaches ``critical_volume_ml``, else NEGATIVE."""
         critical = any((f.volume_ml or 0.0) >= self.critical_volume_ml for f in findings)
@@ -289,6 +311,10 @@ class SegmentationDetector:
             maps[1].full_range(*_extent(reach, 1)),
             maps[2].full_range(*_extent(reach, 2)),
         )
+        if any(b.stop <= b.start for b in box3):
+            # An axis with fewer acquired voxels than network voxels (e.g. one slice): the
+            # candidates fall between the acquired samples, so no acquired voxel is found.
+            return None
         probabilities = _resample_box(low, maps, box3)
         supra = probabilities >= threshold
         labels, count = ndimage.label(supra, structure=_CONNECTIVITY)
@@ -303,15 +329,28 @@ class SegmentationDetector:
         keep_lut = np.zeros(count + 1, dtype=bool)
         keep_lut[keep_ids] = True
         kept = keep_lut[labels]
-        voxels = int(sizes[keep_ids].sum())
         inside = probabilities[kept]
-        score = float(np.percentile(inside, SCORE_PERCENTILE))
+        raw_score = float(np.percentile(inside, SCORE_PERCENTILE))
+        score = self.calibrated(raw_score)
+        if not self.reportable(score):
+            return None
+        if self.manifest.refine is not None:
+            spec = self.manifest.refine
+            grown = grow_box(box3, spec, full_shape)
+            padded = np.zeros(tuple(s.stop - s.start for s in grown), dtype=bool)
+            padded[tuple(slice(a.start - b.start, a.stop - b.start)
+                         for a, b in zip(box3, grown, strict=True))] = kept
+            box3, kept = grown, refine_mask(padded, volume.array[grown], spec)
+            labels, count = ndimage.label(kept, structure=_CONNECTIVITY)
+            sizes = np.bincount(labels.ravel(), minlength=count + 1)
+            keep_ids = np.arange(1, count + 1)
+            sizes_ml = sizes * volume.voxel_volume_ml
+        voxels = int(np.count_nonzero(kept))
         centre = ndimage.center_of_mass(kept)
-        offset = (box3[0].start, box3[1].start, box3[2].start)
         centroid_index = (
-            float(centre[0]) + offset[0],
-            float(centre[1]) + offset[1],
-            float(centre[2]) + offset[2],
+            float(centre[0]) + box3[0].start,
+            float(centre[1]) + box3[1].start,
+            float(centre[2]) + box3[2].start,
         )
         mask = np.zeros(full_shape, dtype=bool)
         mask[box3] = kept
@@ -333,5 +372,6 @@ class SegmentationDetector:
                 "components": float(keep_ids.size),
                 "largest_component_ml": float(sizes_ml[keep_ids].max()),
                 "max_probability": float(inside.max()),
+                "raw_score": raw_score,
             },
         )

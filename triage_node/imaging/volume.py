@@ -36,6 +36,11 @@ class Volume:
     source_frames: tuple[tuple[int, int], ...] = field(default=(), repr=False)
     """Per slice: (index into ``source_datasets``, frame number starting at 1). Empty means
     one single-frame instance per slice, ``source_datasets[k]`` for slice ``k``."""
+    image_instance_uid: str | None = None
+    """Set when a detector analyses this one image on its own (series selection
+    ``analyse: each_image``, e.g. the views of a mammogram): the image's SOP Instance UID.
+    Results are then per image, and their UIDs derive from it as well
+    (:class:`~triage_node.results.identity.ResultIdentity`)."""
 
     @property
     def is_multi_frame_source(self) -> bool:

@@ -7,6 +7,7 @@ in one transaction after the result files are durable, so a crash repeats the st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -29,9 +30,15 @@ from triage_node.logging import get_logger
 from triage_node.metrics import observe_study
 from triage_node.notify.queue import NotificationQueue
 from triage_node.pipeline.jobs import Job, JobQueue
+from triage_node.routing.conditions import SeriesView
 from triage_node.routing.context import study_context
 from triage_node.routing.rules import Decision, Router
-from triage_node.routing.selection import SeriesSelection, select_series, why_none
+from triage_node.routing.selection import (
+    SeriesSelection,
+    accepted_series,
+    select_series,
+    why_none,
+)
 from triage_node.spool.store import Spool, write_durably
 from triage_node.state.db import Database
 from triage_node.worklist.store import FindingSummary, WorklistStore
@@ -57,6 +64,13 @@ class StudyOutcome:
     findings: list[FindingSummary]
     timings_s: dict[str, float] = field(default_factory=dict)
     objects: list[OutboxEntry] = field(default_factory=list)
+
+
+def image_label(ds: Dataset) -> str | None:
+    """Which image a per-image result is about, for the worklist: Image Laterality and View
+    Position (``L CC``, ``R MLO``) when present, else None."""
+    parts = [str(ds.get(k, "") or "").strip() for k in ("ImageLaterality", "ViewPosition")]
+    return " ".join(p for p in parts if p) or None
 
 
 def _encode_file(ds: Dataset) -> bytes:
@@ -89,6 +103,42 @@ class StudyProcessor:
         rows = self.db.query("SELECT path FROM instances WHERE series_uid=?", (series_uid,))
         return [self.spool.path_of(r["path"]) for r in rows]
 
+    def _run_each_image(
+        self, job: Job, name: str, detector: DetectorRuntime, series_list: list[SeriesView],
+        timings: dict[str, float],
+    ) -> tuple[list[tuple[DetectorResult, str | None]], list[OutboxEntry]]:
+        """Series selection ``analyse: each_image``: every image of every accepted series on
+        its own, one result set per image (UIDs derived from the image's SOP Instance UID)."""
+        ran: list[tuple[DetectorResult, str | None]] = []
+        objects: list[OutboxEntry] = []
+
+        def add(step: str, since: float) -> None:
+            key = f"{name}.{step}"
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - since
+
+        for series in series_list:
+            rows = self.db.query(
+                "SELECT path FROM instances WHERE series_uid=? ORDER BY sop_instance_uid",
+                (series.series_uid,))
+            for row in rows:
+                t = time.perf_counter()
+                volume = load_series([self.spool.path_of(row["path"])])
+                source = volume.source_datasets[0]
+                volume = dataclasses.replace(
+                    volume, image_instance_uid=str(source.SOPInstanceUID))
+                add("load", t)
+                t = time.perf_counter()
+                result = detector.run(volume)
+                add("infer", t)
+                t = time.perf_counter()
+                datasets = self.encode(volume, result, detector.manifest)
+                add("encode", t)
+                t = time.perf_counter()
+                objects.extend(self._write_result(job.study_key, ds) for ds in datasets)
+                add("write", t)
+                ran.append((result, image_label(source)))
+        return ran, objects
+
     def route(self, study_uid: str) -> Decision:
         """Route a study in the database with the rules in force now."""
         router = self.router()
@@ -112,6 +162,7 @@ class StudyProcessor:
             return StudyOutcome(Urgency.NOT_APPLICABLE, "not-applicable",
                                 f"ignored by rule {decision.rule}", [], [], timings)
         results: list[DetectorResult] = []
+        where: list[str | None] = []  # per result: which image (per-image analysis), or None
         objects: list[OutboxEntry] = []
         reasons: list[str] = []
         for name in decision.detectors:
@@ -119,11 +170,18 @@ class StudyProcessor:
             if detector is None:
                 reasons.append(f"{name}: detector not loaded")
                 continue
+            selection = self.selections.get(name, SeriesSelection())
             series, verdicts = select_series(
-                decision.matched_series, self.selections.get(name, SeriesSelection()),
-                detector.manifest.modalities)
+                decision.matched_series, selection, detector.manifest.modalities)
             if series is None:
                 reasons.append(f"{name}: {why_none(verdicts)}")
+                continue
+            if selection.analyse == "each_image":
+                ran, written = self._run_each_image(
+                    job, name, detector, accepted_series(verdicts), timings)
+                results.extend(r for r, _ in ran)
+                where.extend(w for _, w in ran)
+                objects.extend(written)
                 continue
             t = time.perf_counter()
             volume = load_series(self._instance_paths(series.series_uid))
@@ -138,18 +196,22 @@ class StudyProcessor:
             objects.extend(self._write_result(job.study_key, ds) for ds in datasets)
             timings[f"{name}.write"] = time.perf_counter() - t
             results.append(result)
+            where.append(None)
         if not results:
             return StudyOutcome(Urgency.NOT_APPLICABLE, "not-applicable",
                                 "; ".join(reasons) or "no detector ran", decision.detectors,
                                 [], timings)
+        # The study is as urgent as its most urgent result (with per-image analysis: image).
         urgency = min((r.urgency for r in results), key=lambda u: u.rank)
         findings = [
-            FindingSummary(detector=r.detector, label=f.label, score=f.score,
-                           volume_ml=f.volume_ml)
-            for r in results for f in r.findings
+            FindingSummary(detector=r.detector,
+                           label=f.label if image is None else f"{f.label} ({image})",
+                           score=f.score, volume_ml=f.volume_ml)
+            for r, image in zip(results, where, strict=True) for f in r.findings
         ]
+        detectors = list(dict.fromkeys(r.detector for r in results))
         return StudyOutcome(urgency, "processed", "; ".join(reasons) or None,
-                            [r.detector for r in results], findings, timings, objects)
+                            detectors, findings, timings, objects)
 
     def process(self, job: Job) -> StudyOutcome:
         structlog.contextvars.clear_contextvars()

@@ -191,6 +191,7 @@ def result_identity(
         detector=algorithm.name,
         detector_version=algorithm.version,
         uid_root=options.uid_root,
+        source_instance_uid=volume.image_instance_uid,
     )
 
 

@@ -19,6 +19,8 @@ __all__ = ["AI_FAMILY", "AlgorithmInfo", "DeviceInfo", "EncodeOptions"]
 
 AI_FAMILY = Code(value="123110", scheme="DCM", meaning="Artificial Intelligence")
 """Algorithm Family Code for AI detectors (PS3.16 CID 7162)."""
+_ANATOMICAL_STRUCTURE = "91723000"
+"""SCT Anatomical Structure (CID 7150): a label of this category is not a target finding."""
 
 
 def _check_lo(owner: str, attribute: str, value: str | None, *, required: bool) -> None:
@@ -117,9 +119,14 @@ class AlgorithmInfo:
         *,
         procedure_reported: Code | None = None,
     ) -> AlgorithmInfo:
-        """Describe the detector of ``manifest`` (its labels give the target findings)."""
+        """Describe the detector of ``manifest`` (its labels give the target findings; a
+        label whose category is SCT 91723000 Anatomical Structure, e.g. the midline band a
+        brain tumour detector measures the midline shift on, is a reference structure, not a
+        finding, and is left out)."""
         seen: dict[tuple[str, str], Code] = {}
         for label in manifest.labels:
+            if label.category.value == _ANATOMICAL_STRUCTURE:
+                continue
             code = label.finding_type.to_code()
             seen.setdefault((code.scheme, code.value), code)
         return cls(

@@ -90,6 +90,10 @@ class ResultIdentity:
 
     The source Study and Series Instance UIDs are both included so that the same detector
     run on two series of one study (e.g. two reconstructions) yields distinct results.
+    ``source_instance_uid`` is set when the detector analysed one image of the series on its
+    own (per-image analysis, e.g. each view of a mammogram): it is then hashed too, so two
+    images of one series never share a result UID. When it is None nothing is added, and
+    every series-level UID stays what it was (the scheme version stays ``v1``).
     """
 
     study_instance_uid: str
@@ -97,13 +101,17 @@ class ResultIdentity:
     detector: str
     detector_version: str
     uid_root: str = DEFAULT_UID_ROOT
+    source_instance_uid: str | None = None
 
     def __post_init__(self) -> None:
         check_uid_root(self.uid_root, "ResultIdentity.uid_root")
-        for attribute, value in (
+        uids = [
             ("study_instance_uid", self.study_instance_uid),
             ("series_instance_uid", self.series_instance_uid),
-        ):
+        ]
+        if self.source_instance_uid is not None:
+            uids.append(("source_instance_uid", self.source_instance_uid))
+        for attribute, value in uids:
             if not isinstance(value, str) or len(value) > 64 or not _UID_RE.match(value):
                 raise ValueError(f"ResultIdentity.{attribute} is not a valid UID")
         if not self.detector:
@@ -112,11 +120,13 @@ class ResultIdentity:
             raise ValueError("ResultIdentity.detector_version must not be empty")
 
     def _uid(self, *parts: str) -> UID:
+        image = () if self.source_instance_uid is None else ("image", self.source_instance_uid)
         return derive_uid(
             self.study_instance_uid,
             self.series_instance_uid,
             self.detector,
             self.detector_version,
+            *image,
             *parts,
             uid_root=self.uid_root,
         )

@@ -46,6 +46,11 @@ class SeriesSelection(BaseModel):
     """Skip series whose Image Type starts with DERIVED (reformats, other AI results)."""
     exclude_secondary_capture: bool = True
     prefer: Literal["largest", "thinnest"] = "largest"
+    analyse: Literal["series", "each_image"] = "series"
+    """``series``: the detector analyses the best accepted series as one volume (CT, MR, a
+    chest radiograph). ``each_image``: it analyses every image of every accepted series on
+    its own (the views of a mammogram, L/R × CC/MLO, in one series or several), writes one
+    result set per image, and the study takes the most urgent image's urgency."""
 
 
 def _image_type(series: SeriesView) -> list[str]:
@@ -133,6 +138,11 @@ def select_series(candidates: list[SeriesView], selection: SeriesSelection,
         best = max(accepted, key=lambda s: (s.instance_count, -(_thickness(s) or 0.0),
                                             s.series_key))
     return best, verdicts
+
+
+def accepted_series(verdicts: list[SeriesVerdict]) -> list[SeriesView]:
+    """Every accepted series, in a stable order (by series key): what ``each_image`` runs on."""
+    return sorted((v.series for v in verdicts if v.accepted), key=lambda s: s.series_key)
 
 
 def why_none(verdicts: list[SeriesVerdict]) -> str:

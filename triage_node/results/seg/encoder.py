@@ -118,6 +118,7 @@ class SegEncoder:
             detector=algorithm.name,
             detector_version=algorithm.version,
             uid_root=self._options.uid_root,
+            source_instance_uid=volume.image_instance_uid,
         )
         algorithm_id = algorithm_identification_sequence(algorithm)
 

@@ -90,6 +90,10 @@ CODED_MEASUREMENTS: dict[str, tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]] = {
                                _MILLIMETRE),
     "region_area_mm2": (hd.sr.CodedConcept("42798000", "SCT", "Area"),
                         hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")),
+    # Brain tumour detector: lateral distance of the septum pellucidum from the head's
+    # mid-sagittal plane (triage_node.detectors.brain_tumor). PS3.16 has no midline-shift
+    # concept; DCM 121206 "Distance" is the CID 7470 linear measurement that fits.
+    "midline_shift_mm": (hd.sr.CodedConcept("121206", "DCM", "Distance"), _MILLIMETRE),
 }
 _REGION_KEYS = ("region_row_min", "region_row_max", "region_column_min", "region_column_max")
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
@@ -125,6 +129,7 @@ class SrEncoder:
             detector=algorithm.name,
             detector_version=algorithm.version,
             uid_root=self._options.uid_root,
+            source_instance_uid=volume.image_instance_uid,
         )
         segments = _segments_by_tracking_uid(segmentation, volume)
         with encoding_step("SR algorithm identification"):

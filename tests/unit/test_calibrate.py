@@ -1,0 +1,56 @@
+"""Finding-score calibration (trainers/calibrate.py): Platt scaling with smoothed targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainers.calibrate import (
+    brier,
+    finding_threshold,
+    fit_finding_calibration,
+    raw_logit,
+    smoothed_targets,
+)
+
+
+def test_smoothed_targets_follow_platt() -> None:
+    targets = smoothed_targets(np.array([True, True, True, False]))
+    assert targets[:3] == pytest.approx([0.8, 0.8, 0.8])  # (3 + 1) / (3 + 2)
+    assert targets[3] == pytest.approx(1 / 3)  # 1 / (1 + 2)
+
+
+def test_an_overconfident_detector_is_pulled_towards_its_observed_precision() -> None:
+    rng = np.random.default_rng(0)
+    # raw scores near 1 for everything; 70 % of findings are real
+    real = rng.random(400) < 0.7
+    scores = np.where(real, rng.uniform(0.97, 0.9999, 400), rng.uniform(0.9, 0.995, 400))
+    spec = fit_finding_calibration(list(scores), list(real))
+    calibrated = np.array([spec.probability(raw_logit(s)) for s in scores])
+    assert brier(list(calibrated), list(real)) < brier(list(scores), list(real))
+    assert abs(calibrated.mean() - real.mean()) < 0.05
+    # increasing: the ranking (FROC, worklist order) is unchanged
+    order = np.argsort(scores)
+    assert np.all(np.diff(calibrated[order]) >= -1e-12)
+
+
+def test_all_true_findings_still_give_a_finite_calibration_below_one() -> None:
+    spec = fit_finding_calibration([0.99, 0.995, 0.999, 0.98], [True] * 4)
+    assert 0.0 < spec.slope < 10.0
+    assert 0.5 < spec.probability(raw_logit(0.99)) < 1.0
+
+
+def test_no_finding_cannot_be_calibrated() -> None:
+    with pytest.raises(ValueError, match="no findings"):
+        fit_finding_calibration([], [])
+
+
+def test_the_finding_threshold_keeps_the_target_share_of_true_findings() -> None:
+    calibrated = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.3, 0.02, 0.01]
+    real = [True] * 10 + [False] * 3
+    t = finding_threshold(calibrated, real, 0.9)  # 9 of the 10 true findings
+    assert t == pytest.approx(0.1)
+    kept_true = sum(1 for c, r in zip(calibrated, real, strict=True) if r and c >= t)
+    kept_false = sum(1 for c, r in zip(calibrated, real, strict=True) if not r and c >= t)
+    assert (kept_true, kept_false) == (9, 1)
+    assert finding_threshold([0.4, 0.2], [False, False], 0.95) == 0.0
