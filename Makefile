@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 DEBS   := orthanc orthanc-dicomweb dcmtk dicom3tools chromium
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install debs venv demo test test-gpu lint typecheck unit integration bench clean engine-ct-head-hemorrhage engine-cxr-pneumothorax engine-ct-chest-nodule engine-mr-brain-tumor engine-mg-mass
+.PHONY: help install debs venv demo test test-gpu lint typecheck unit integration bench clean engines engine-ct-head-hemorrhage engine-cxr-pneumothorax engine-ct-chest-nodule engine-mr-brain-tumor engine-mg-mass
 
 help:
 	@echo "make demo   - install, then run the whole job on the embedded defaults"
@@ -108,6 +108,10 @@ engine-mg-mass: install
 	$(PY) -m trainers train mg-mass --threads 1
 	$(PY) -m trainers evaluate mg-mass --threads 1
 	$(PY) -m trainers card mg-mass
+
+# All five engines, one after the other (about 2.5 hours on one thread).
+engines: engine-ct-head-hemorrhage engine-ct-chest-nodule engine-mr-brain-tumor \
+	engine-cxr-pneumothorax engine-mg-mass
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

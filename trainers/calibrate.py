@@ -12,8 +12,9 @@ result goes into the manifest as ``finding_calibration``, with its provenance un
 ``training.finding_calibration``; the node then reports calibrated scores, and the ranking
 of findings (FROC, worklist order) is unchanged because the map is increasing. The operating
 point is chosen on the same validation findings: ``finding_threshold`` is the highest
-calibrated score that keeps 95 % of the true findings, and findings below it are not
-reported.
+calibrated score that keeps 95 % of the true findings (nodules: the lowest score that leaves
+at most 0.25 false findings per scan, a point of the FROC curve), and findings below it are
+not reported.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ DEFAULT_CASES = 60
 #: Share of the true validation findings the finding threshold keeps: the operating point
 #: trades at most 5 % of what the network finds for the false findings below it.
 TARGET_TRUE_FINDINGS_KEPT = 0.95
+#: False-positive budget of the nodule detector's operating point (FROC), per validation scan.
+NODULE_FP_PER_SCAN = 0.25
 #: Validation indices start here, past the ones training monitored (``val_cases``), so
 #: calibration data are phantoms the training loop never looked at.
 FIRST_INDEX = 1000
@@ -90,6 +93,19 @@ def finding_threshold(calibrated: list[float], real: list[bool], target: float) 
         return 0.0
     needed = max(1, math.ceil(target * len(true_scores)))
     return math.floor(true_scores[needed - 1] * 10_000) / 10_000
+
+
+def fp_budget_threshold(calibrated: list[float], real: list[bool], cases: int,
+                        fp_per_case: float) -> float:
+    """The lowest threshold (rounded up to 4 decimals) leaving at most ``fp_per_case`` false
+    findings per case: the most sensitive FROC point within that false-positive budget."""
+    false_scores = sorted((c for c, r in zip(calibrated, real, strict=True) if not r),
+                          reverse=True)
+    allowed = math.floor(fp_per_case * cases)
+    if len(false_scores) <= allowed:
+        return 0.0
+    # Everything above the first false finding beyond the budget stays reported.
+    return math.floor(false_scores[allowed] * 10_000) / 10_000 + 0.0001
 
 
 def brier(probabilities: list[float], real: list[bool]) -> float:
@@ -167,7 +183,14 @@ def calibrate_findings(
     real = [r for _, r in pairs]
     spec = fit_finding_calibration(scores, real)
     calibrated = [spec.probability(raw_logit(s)) for s in scores]
-    threshold = finding_threshold(calibrated, real, target)
+    if isinstance(recipe, NoduleRecipe):
+        # A nodule detector runs at a point of its FROC curve: the most sensitive threshold
+        # with at most NODULE_FP_PER_SCAN false findings per validation scan.
+        threshold = fp_budget_threshold(calibrated, real, cases, NODULE_FP_PER_SCAN)
+        rule = f"at most {NODULE_FP_PER_SCAN:g} false findings per validation scan"
+    else:
+        threshold = finding_threshold(calibrated, real, target)
+        rule = f"keeps {target:.0%} of the true validation findings"
     kept = [c >= threshold for c in calibrated]
     record = {
         "method": "platt, smoothed targets",
@@ -181,7 +204,7 @@ def calibrate_findings(
         "brier_raw": round(brier(scores, real), 4),
         "brier_calibrated": round(brier(calibrated, real), 4),
         "finding_threshold": threshold,
-        "target_true_findings_kept": target,
+        "operating_point": rule,
         "true_findings_kept": sum(1 for k, r in zip(kept, real, strict=True) if k and r),
         "false_findings_kept": sum(1 for k, r in zip(kept, real, strict=True) if k and not r),
         "seconds": round(time.perf_counter() - started, 1),

@@ -33,12 +33,11 @@ def finding_score_lines(manifest: Manifest, metrics: dict[str, Any]) -> list[str
         *(
             [
                 f"- Finding threshold: findings scoring below {manifest.finding_threshold} "
-                f"are not reported — the highest threshold that keeps "
-                f"{cal['target_true_findings_kept']:.0%} of the true validation findings "
+                f"are not reported — chosen on validation: {cal['operating_point']} "
                 f"(it keeps {cal['true_findings_kept']} of {cal['true_findings']} true and "
                 f"{cal['false_findings_kept']} of {cal['false_findings']} false ones there)."
             ]
-            if manifest.finding_threshold is not None and "finding_threshold" in cal
+            if manifest.finding_threshold is not None and "operating_point" in cal
             else []
         ),
     ]

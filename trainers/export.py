@@ -33,6 +33,7 @@ from triage_node.detectors.manifest import (
     ParitySpec,
     sha256_of,
 )
+from triage_node.results.identity import engine_device_uid
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
@@ -213,6 +214,8 @@ def export_engine(
             "parity_max_abs_diff_reference": crop_diff,
         },
         "versions": _versions(),
+        # Changes with every trained version (derived from the engine file's sha256).
+        "device_uid": str(engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))),
     }
     manifest = Manifest(
         name=recipe.name,

@@ -74,6 +74,7 @@ from triage_node.detectors.transforms import (
     build_label_preprocessing,
     build_preprocessing,
 )
+from triage_node.results.identity import engine_device_uid
 
 _MAX_POSITIVE_COORDS = 4096
 
@@ -570,6 +571,8 @@ def export_nodules(
             "parity_max_abs_diff_reference": crop_diff,
         },
         "versions": _versions(),
+        # Changes with every trained version (derived from the engine file's sha256).
+        "device_uid": str(engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))),
     }
     manifest = Manifest(
         name=recipe.name,

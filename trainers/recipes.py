@@ -353,13 +353,13 @@ MR_BRAIN_TUMOR = TumourRecipe(
         "clinical accuracy."
     ),
     modalities=("MR",),
-    input_shape=(48, 128, 128),
+    input_shape=(64, 160, 160),
     preprocessing=(
-        # Whole field of view to the network grid (about 3–4 mm along z, 1.9 mm in plane for
-        # a 240 mm field of view; area averaging), then the image's own 1st–99th percentiles
+        # Whole field of view to the network grid (about 2.2–2.6 mm along z, 1.5 mm in plane
+        # for a 240 mm field of view; area averaging), then the image's own 1st–99th percentiles
         # to 0–1 without clipping: MR has no absolute units, and tumour and oedema stay above
         # 1 where the percentile lands on scalp fat.
-        TransformSpec(name="Resize", args={"spatial_size": [48, 128, 128], "mode": "area"}),
+        TransformSpec(name="Resize", args={"spatial_size": [64, 160, 160], "mode": "area"}),
         TransformSpec(
             name="ScaleIntensityRangePercentiles",
             args={"lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0, "clip": False},
@@ -959,7 +959,7 @@ MG_PHANTOM = ClassifierPhantomSpec(
 
 MG_MASS = ClassifierRecipe(
     name="mg-mass",
-    version="0.1.0",
+    version="0.2.0",
     description=(
         "Scores each mammogram (MG, CC or MLO view) for a breast mass, with a "
         "class-activation heatmap and its peak region; a suspicious image is routine-positive, "
@@ -991,7 +991,7 @@ MG_MASS = ClassifierRecipe(
         train_cases=2000,
         val_cases=400,
         positive_fraction=0.5,
-        epochs=12,
+        epochs=16,
         batch_size=16,
         learning_rate=2e-3,
         weight_decay=1e-4,

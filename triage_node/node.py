@@ -21,7 +21,7 @@ from triage_node.detectors.findings import DetectorResult
 from triage_node.detectors.manifest import Manifest, load_manifest
 from triage_node.detectors.nodules import NoduleDetector
 from triage_node.detectors.segmentation import SegmentationDetector
-from triage_node.errors import InvalidDicomError
+from triage_node.errors import ConfigError, InvalidDicomError
 from triage_node.imaging.volume import Volume
 from triage_node.logging import get_logger
 from triage_node.notify.queue import NotificationQueue
@@ -58,14 +58,18 @@ class ResultWriter:
 
     def __init__(self, node_id: str) -> None:
         self.device = DeviceInfo(serial_number=node_id)
-        self._algorithms: dict[tuple[str, str], AlgorithmInfo] = {}
+        self._algorithms: dict[tuple[str, str, str], AlgorithmInfo] = {}
 
     def __call__(self, volume: Volume, result: DetectorResult,
                  manifest: Manifest) -> list[Dataset]:
-        key = (manifest.name, manifest.version)
+        return encode_results(volume, result, self.algorithm(manifest))
+
+    def algorithm(self, manifest: Manifest) -> AlgorithmInfo:
+        """The detector of ``manifest`` as this node describes it (built once per engine)."""
+        key = (manifest.name, manifest.version, manifest.engine.sha256)
         if key not in self._algorithms:
             self._algorithms[key] = AlgorithmInfo.from_manifest(manifest, self.device)
-        return encode_results(volume, result, self._algorithms[key])
+        return self._algorithms[key]
 
 
 def build_detector(cfg: DetectorConfig) -> DetectorRuntime:
@@ -107,6 +111,12 @@ class Node:
             name: build_detector(cfg) for name, cfg in detector_configs.items() if cfg.enabled
         }
         self.selections = {name: cfg.series for name, cfg in detector_configs.items()}
+        writer = ResultWriter(config.node_id)
+        for detector in self.detectors.values():
+            try:  # a manifest whose Device UID belongs to another engine stops the start
+                writer.algorithm(detector.manifest)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         self.rules = RulesHolder(config.rules_file, known_detectors=set(self.detectors),
                                  known_destinations=set(config.destinations))
 
@@ -120,7 +130,7 @@ class Node:
         self.processor = StudyProcessor(
             db=self.db, spool=self.spool, results_root=self.results_root,
             router=lambda: self.rules.router, detectors=self.detectors,
-            selections=self.selections, encode=ResultWriter(config.node_id),
+            selections=self.selections, encode=writer,
             outbox=self.outbox, default_destinations=list(config.default_destinations),
             worklist=self.worklist, jobs=self.jobs, notifications=self.notifications)
         self.assembler = StudyAssembler(self.db, config.assembly, self.jobs, self._priority_of)

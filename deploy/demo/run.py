@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("generating sample studies (procedural phantoms, not patients)")
         studies = make_demo_studies(workdir / "studies")
         for s in studies:
-            truth = (f"true bleed {s.true_bleed_ml:.1f} mL" if s.true_bleed_ml
-                     else f"expected {s.expected_urgency}")
-            print(f"  {s.name:18} {s.instances:3} instances  {truth}")
+            print(f"  {s.name:18} {s.instances:3} instances  truth: {s.truth}")
         _say("sending with storescu: to Orthanc (the archive) and to the node (PACS forward)")
         sent_at = time.monotonic()
         for s in studies:

@@ -19,8 +19,9 @@ from triage_node.notify.queue import orthanc_study_id
 
 pytestmark = pytest.mark.integration
 
-SENTINEL = {"patient_name": "SENTINEL^NOTIFYE2E", "patient_id": "SENTINEL-PID-80808",
-            "accession_number": "SENTACC8080"}
+SENTINEL: dict[str, Any] = {
+    "patient_name": "SENTINEL^NOTIFYE2E", "patient_id": "SENTINEL-PID-80808",
+    "accession_number": "SENTACC8080"}
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:

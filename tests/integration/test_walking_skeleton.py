@@ -24,8 +24,9 @@ pytestmark = pytest.mark.integration
 
 GRID = (48, 256, 256)
 SPACING = (3.0, 0.9, 0.9)
-SENTINEL = {"patient_name": "SENTINEL^LEAKCHECK", "patient_id": "SENTINEL-PID-31337",
-            "accession_number": "SENTACC9137"}
+SENTINEL: dict[str, Any] = {
+    "patient_name": "SENTINEL^LEAKCHECK", "patient_id": "SENTINEL-PID-31337",
+    "accession_number": "SENTACC9137"}
 
 
 def _item(items: list[dict[str, Any]], uid: str) -> dict[str, Any] | None:
@@ -49,8 +50,10 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                             bleed_kind="intraparenchymal", **SENTINEL),
         "normal": make_study("normal", out, seed=9002, bleed_ml=None, grid=GRID,
                              spacing=SPACING),
-        "chest": make_study("chest", out, seed=9003, bleed_ml=None, kind="chest",
-                            grid=(32, 256, 256), spacing=(5.0, 1.4, 1.4)),
+        # A CT that no rule takes (labelled as an abdomen; the phantom's anatomy is moot).
+        "other": make_study("other", out, seed=9003, bleed_ml=None, kind="chest",
+                            grid=(32, 256, 256), spacing=(5.0, 1.4, 1.4),
+                            labels=("CT ABDOMEN WO CONTRAST", "ABDOMEN")),
     }
 
 
@@ -105,13 +108,13 @@ def test_normal_head_ct_is_negative(sent: dict[str, str], node: NodeProcess,
     assert len(_qido_series(orthanc, sent["normal"], "SR")) == 1
 
 
-def test_chest_ct_is_visible_as_no_rule_matched(sent: dict[str, str], node: NodeProcess,
-                                                orthanc: LocalOrthanc) -> None:
-    item = _item(node.worklist(), sent["chest"])
+def test_a_ct_no_rule_takes_is_visible_as_no_rule_matched(
+        sent: dict[str, str], node: NodeProcess, orthanc: LocalOrthanc) -> None:
+    item = _item(node.worklist(), sent["other"])
     assert item is not None
     assert (item["urgency"], item["status"]) == ("not-applicable", "not-applicable")
     assert item["reason"] == "no rule matched"
-    assert _qido_series(orthanc, sent["chest"], "SR") == []
+    assert _qido_series(orthanc, sent["other"], "SR") == []
 
 
 def test_worklist_is_ordered_and_needs_the_token(sent: dict[str, str], node: NodeProcess) -> None:

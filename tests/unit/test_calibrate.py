@@ -9,6 +9,7 @@ from trainers.calibrate import (
     brier,
     finding_threshold,
     fit_finding_calibration,
+    fp_budget_threshold,
     raw_logit,
     smoothed_targets,
 )
@@ -54,3 +55,14 @@ def test_the_finding_threshold_keeps_the_target_share_of_true_findings() -> None
     kept_false = sum(1 for c, r in zip(calibrated, real, strict=True) if not r and c >= t)
     assert (kept_true, kept_false) == (9, 1)
     assert finding_threshold([0.4, 0.2], [False, False], 0.95) == 0.0
+
+
+def test_the_fp_budget_threshold_is_the_most_sensitive_point_within_the_budget() -> None:
+    calibrated = [0.9, 0.8, 0.7, 0.5, 0.3, 0.6, 0.4, 0.2, 0.1]
+    real = [True, True, True, True, True, False, False, False, False]
+    # 4 cases, 0.25 false findings each: one false finding (0.6) may stay, 0.4 may not
+    t = fp_budget_threshold(calibrated, real, 4, 0.25)
+    assert 0.4 < t <= 0.41
+    kept = [c for c in calibrated if c >= t]
+    assert kept == [0.9, 0.8, 0.7, 0.5, 0.6]
+    assert fp_budget_threshold(calibrated, real, 40, 0.25) == 0.0  # budget above all false

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from tests.unit.test_retention import SOURCE, make_node
 from trainers.phantoms.mammo import generate_mammogram, write_mammogram
@@ -167,3 +167,29 @@ def test_identity_per_image_differs_per_image_and_keeps_series_uids() -> None:
         **base, source_instance_uid=None).sop_instance_uid_for("SR")
     with pytest.raises(ValueError, match="source_instance_uid"):
         ResultIdentity(**base, source_instance_uid="not a uid")
+
+
+def test_for_processing_images_in_the_series_are_not_analysed(tmp_path: Path) -> None:
+    node = _node(tmp_path)
+    try:
+        study_uid = generate_uid()
+        instances = _study(tmp_path / "in", series_per_view=False, mass_view=None,
+                           study_uid=study_uid)
+        raw = pydicom.dcmread(BytesIO(instances[0]))
+        raw.SOPClassUID = raw.file_meta.MediaStorageSOPClassUID = UID(
+            "1.2.840.10008.5.1.4.1.1.1.2.1")  # the same view, "For Processing"
+        raw.SOPInstanceUID = raw.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        raw.PresentationIntentType = "FOR PROCESSING"
+        buffer = BytesIO()
+        raw.save_as(buffer)
+        outcome, datasets = _process(node, [*instances, buffer.getvalue()], study_uid)
+        assert outcome.status == "processed"
+        srs = [ds for ds in datasets if str(ds.Modality) == "SR"]
+        assert len(srs) == 4  # the four presentation views, not the raw one
+        analysed = {str(ds.CurrentRequestedProcedureEvidenceSequence[0]
+                        .ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+                        .ReferencedSOPInstanceUID) for ds in srs}
+        assert str(raw.SOPInstanceUID) not in analysed
+    finally:
+        node.notifications.close()
+        node.db.close()

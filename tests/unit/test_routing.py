@@ -62,9 +62,14 @@ def test_head_ct_by_study_description() -> None:
     assert _router().decide(ctx).matched
 
 
-def test_chest_ct_does_not_match_and_mr_head_goes_to_the_tumour_detector() -> None:
+def test_chest_ct_goes_to_nodules_and_mr_head_to_the_tumour_detector() -> None:
     chest = _series("CT_small.dcm", BodyPartExamined="CHEST", StudyDescription="CT THORAX")
-    assert not _router().decide(_ctx(chest)).matched
+    decision = _router().decide(_ctx(chest))
+    assert (decision.rule, decision.detectors) == ("chest-ct-nodule", ["ct-chest-nodule"])
+    by_description = _series("CT_small.dcm", BodyPartExamined="", StudyDescription="CT LUNG")
+    assert _router().decide(_ctx(by_description)).rule == "chest-ct-nodule"
+    abdomen = _series("CT_small.dcm", BodyPartExamined="ABDOMEN", StudyDescription="CT ABD")
+    assert not _router().decide(_ctx(abdomen)).matched
     decision = _router().decide(_ctx(_series("MR_small.dcm", BodyPartExamined="HEAD")))
     assert decision.rule == "mr-brain-tumor"
     assert decision.detectors == ["mr-brain-tumor"]

@@ -68,7 +68,7 @@ def test_explain_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_explain_json_and_no_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = _study(tmp_path / "study", "CHEST")
+    folder = _study(tmp_path / "study", "ABDOMEN")  # no shipped rule takes an abdomen CT
     assert main(["rules", "explain", str(folder), "--json", "--config", CONFIG]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["decision"]["rule"] is None

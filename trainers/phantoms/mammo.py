@@ -17,8 +17,9 @@ What is drawn:
   thresholded to a drawn dense fraction (BI-RADS a–d-like: about 10, 30, 55 and 80 % of the
   breast) with soft edges and its own texture;
 * Cooper-ligament-like strands and ducts converging on the nipple, and a few vessels;
-* an optional **mass** (round, oval, irregular or spiculated margin; 5–40 mm; contrast and
-  position varied; it can sit in dense tissue, where it is partly hidden), with its mask;
+* an optional **mass** (round, oval, irregular or spiculated margin; 5–40 mm; denser than the
+  breast's fibroglandular tissue by a drawn 20–70 %; position varied; it can sit in dense
+  tissue, where it displaces part of it and is partly hidden), with its mask;
 * decoys, on normals and on mass cases alike so that none is a shortcut: benign-looking
   dense islands (diffuse, textured, fat-interspersed), an intramammary/axillary lymph node
   with a fatty hilum, calcification clusters and overlapping-tissue summation;
@@ -41,7 +42,7 @@ from scipy import ndimage
 
 from trainers.phantoms._grid import RngLike, make_rng
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 """Bump when the generator changes what a seed produces (invalidates training caches)."""
 
 #: Density classes (BI-RADS a–d-like) and the fraction of the breast that is dense.
@@ -193,7 +194,10 @@ def _draw_mass(rng: np.random.Generator, p: dict[str, Any], diameter: float,
         "angle": float(rng.uniform(0, math.pi)),
         "harmonics": harmonics,
         "spicules": spicules,
-        "contrast": float(rng.uniform(0.1, 0.2)),
+        # Denser than fibroglandular tissue, as real masses are: relative to this breast's
+        # dense-tissue gain (version 1 drew 0.1–0.2 absolute, below the 0.18–0.3 gain of
+        # dense tissue, so a mass in fat was fainter than the parenchyma around it).
+        "contrast": float(p["dense_gain"] * rng.uniform(1.2, 1.7)),
         "blur_mm": float(rng.uniform(0.3, 1.2) if margin != "spiculated" else 0.3),
     }
 
@@ -390,7 +394,11 @@ def render_mammogram(
                     dist = _segment_distance(wx, wy, x0, y0, x1, y1)
                     body = np.maximum(body, 0.6 * np.exp(-(dist / width) ** 2))
             local_thick = thickness[win]
-            img[win] += m["contrast"] * body * local_thick
+            # The mass displaces the tissue it sits in rather than adding to all of it: in
+            # dense tissue it stands out less (masking) but stays denser than its
+            # surroundings.
+            displaced = 0.5 * p["dense_gain"] * dense[win] * np.minimum(body, 1.0)
+            img[win] += (m["contrast"] * body - displaced) * local_thick
             mask[win] = (mrho <= 1.0) & (local_thick > 0.05)
             mass_info = {k: m[k] for k in ("x_mm", "y_mm", "diameter_mm", "margin", "contrast")}
             mass_info["dense_fraction_at_mass"] = round(

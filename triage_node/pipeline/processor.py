@@ -66,6 +66,16 @@ class StudyOutcome:
     objects: list[OutboxEntry] = field(default_factory=list)
 
 
+#: Digital X-ray, mammography and intra-oral images "For Processing" (PS3.4 B.5): raw detector
+#: data that a series may carry beside its "For Presentation" images; per-image analysis skips
+#: them (the engines are trained on presentation images).
+FOR_PROCESSING = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image – For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image – For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image – For Processing
+})
+
+
 def image_label(ds: Dataset) -> str | None:
     """Which image a per-image result is about, for the worklist: Image Laterality and View
     Position (``L CC``, ``R MLO``) when present, else None."""
@@ -108,7 +118,8 @@ class StudyProcessor:
         timings: dict[str, float],
     ) -> tuple[list[tuple[DetectorResult, str | None]], list[OutboxEntry]]:
         """Series selection ``analyse: each_image``: every image of every accepted series on
-        its own, one result set per image (UIDs derived from the image's SOP Instance UID)."""
+        its own (but "For Processing" images), one result set per image (UIDs derived from
+        the image's SOP Instance UID)."""
         ran: list[tuple[DetectorResult, str | None]] = []
         objects: list[OutboxEntry] = []
 
@@ -118,9 +129,11 @@ class StudyProcessor:
 
         for series in series_list:
             rows = self.db.query(
-                "SELECT path FROM instances WHERE series_uid=? ORDER BY sop_instance_uid",
-                (series.series_uid,))
+                "SELECT path, sop_class_uid FROM instances WHERE series_uid=?"
+                " ORDER BY sop_instance_uid", (series.series_uid,))
             for row in rows:
+                if row["sop_class_uid"] in FOR_PROCESSING:
+                    continue  # raw detector data: the engine was trained on what readers see
                 t = time.perf_counter()
                 volume = load_series([self.spool.path_of(row["path"])])
                 source = volume.source_datasets[0]

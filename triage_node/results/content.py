@@ -209,6 +209,7 @@ def device_observer_context(
                     device.serial_number,
                     algorithm.name,
                     algorithm.version,
+                    engine_uid=algorithm.engine_uid,
                     uid_root=options.uid_root,
                 ),
                 name=algorithm.name,

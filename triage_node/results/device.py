@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from triage_node import __version__ as _node_version
 from triage_node.detectors.findings import Code
 from triage_node.detectors.manifest import Manifest
-from triage_node.results.identity import DEFAULT_UID_ROOT, check_uid_root
+from triage_node.results.identity import DEFAULT_UID_ROOT, check_uid_root, engine_device_uid
 
 __all__ = ["AI_FAMILY", "AlgorithmInfo", "DeviceInfo", "EncodeOptions"]
 
@@ -81,6 +81,7 @@ class AlgorithmInfo:
     a negative SR states each of them as absent. ``procedure_reported`` is the TID 1500
     "Procedure reported" (PS3.16 CID 100); by default it follows the source modality.
     ``parameters`` are written as Algorithm Parameters (e.g. the operating threshold).
+    ``from_manifest`` refuses a manifest whose Device UID belongs to another engine file.
     """
 
     name: str
@@ -92,6 +93,9 @@ class AlgorithmInfo:
     source: str | None = None
     """Algorithm Source (0066,0032): who made the algorithm, e.g. the training team."""
     parameters: tuple[tuple[str, str], ...] = ()
+    engine_uid: str | None = None
+    """The trained engine's Device UID (manifest ``training.device_uid``): it goes into the
+    Device Observer UID, which therefore changes with every trained version."""
 
     def __post_init__(self) -> None:
         _check_lo("AlgorithmInfo", "name", self.name, required=True)
@@ -129,9 +133,18 @@ class AlgorithmInfo:
                 continue
             code = label.finding_type.to_code()
             seen.setdefault((code.scheme, code.value), code)
+        engine_uid = manifest.training.get("device_uid")
+        if engine_uid is not None:
+            expected = engine_device_uid(manifest.name, manifest.engine.sha256)
+            if engine_uid != expected:
+                raise ValueError(
+                    f"{manifest.name}: manifest training.device_uid {engine_uid} does not "
+                    f"belong to its engine (sha256 {manifest.engine.sha256[:16]}…, expected "
+                    f"{expected}): re-export the engine")
         return cls(
             name=manifest.name,
             version=manifest.version,
+            engine_uid=None if engine_uid is None else str(engine_uid),
             device=device,
             target_findings=tuple(seen.values()),
             procedure_reported=procedure_reported,

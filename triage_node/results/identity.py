@@ -34,6 +34,7 @@ __all__ = [
     "check_uid_root",
     "derive_uid",
     "device_observer_uid",
+    "engine_device_uid",
 ]
 
 DEFAULT_UID_ROOT: str = PYDICOM_ROOT_UID
@@ -151,20 +152,30 @@ class ResultIdentity:
         return self._uid("tracking", tracking_id)
 
 
+def engine_device_uid(detector: str, engine_sha256: str) -> UID:
+    """The Device UID of one trained engine: derived from its file's sha256, so every trained
+    version gets a new one. ``trainers`` writes it into the manifest (``training.device_uid``)
+    and the node checks it there against the engine it loads."""
+    return derive_uid("engine", detector, engine_sha256)
+
+
 def device_observer_uid(
     manufacturer: str,
     serial_number: str,
     detector: str,
     detector_version: str,
     *,
+    engine_uid: str | None = None,
     uid_root: str = DEFAULT_UID_ROOT,
 ) -> UID:
     """Device Observer UID (TID 1004, (121012, DCM)) of one detector version on one node.
 
     The observer is the algorithm running on a particular device, so it is stable across
-    studies and changes when either the node or the detector version changes.
+    studies and changes when the node, the detector version or — when the manifest carries
+    one — the trained engine (``engine_uid``, :func:`engine_device_uid`) changes.
     """
+    engine = () if engine_uid is None else (engine_uid,)
     return derive_uid(
-        "device-observer", manufacturer, serial_number, detector, detector_version,
+        "device-observer", manufacturer, serial_number, detector, detector_version, *engine,
         uid_root=uid_root,
     )
