@@ -197,3 +197,22 @@ def test_a_slow_subscriber_is_told_it_lagged(db: Database) -> None:
 
     seen = asyncio.run(flood())
     assert seen[-1] == "lagged" and len(seen) == 3
+
+
+def test_the_summary_gives_nodules_by_diameter_and_tumours_with_their_shift() -> None:
+    from triage_node.detectors.findings import Code, Finding
+    from triage_node.worklist.store import summarize
+
+    code = Code(value="1", scheme="SCT", meaning="x")
+    nodule = Finding(label="nodule", finding_type=code, category=code, score=0.78, tracking_id="n1",
+                     volume_ml=20.9, measurements={"long_axis_diameter_mm": 34.4})
+    tumour = Finding(label="tumour", finding_type=code, category=code, score=0.99, tracking_id="t1",
+                     volume_ml=33.8, measurements={"midline_shift_mm": 6.24})
+    bleed = Finding(label="hemorrhage", finding_type=code, category=code, score=0.95,
+                    tracking_id="h1", volume_ml=24.8)
+    rows = [FindingSummary.of("ct-chest-nodule", "nodule", nodule).to_dict(),
+            FindingSummary.of("mr-brain-tumor", "tumour", tumour).to_dict(),
+            FindingSummary.of("ct-head-hemorrhage", "hemorrhage", bleed).to_dict()]
+    assert rows[0]["diameter_mm"] == 34.4 and "shift_mm" not in rows[0]
+    assert summarize(rows) == ("nodule 34 mm p=0.78, tumour 33.8 mL (midline shift 6.2 mm) "
+                               "p=0.99, hemorrhage 24.8 mL p=0.95")

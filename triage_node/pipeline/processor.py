@@ -217,9 +217,8 @@ class StudyProcessor:
         # The study is as urgent as its most urgent result (with per-image analysis: image).
         urgency = min((r.urgency for r in results), key=lambda u: u.rank)
         findings = [
-            FindingSummary(detector=r.detector,
-                           label=f.label if image is None else f"{f.label} ({image})",
-                           score=f.score, volume_ml=f.volume_ml)
+            FindingSummary.of(r.detector, f.label if image is None else f"{f.label} ({image})",
+                              f)
             for r, image in zip(results, where, strict=True) for f in r.findings
         ]
         detectors = list(dict.fromkeys(r.detector for r in results))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from triage_node.detectors.findings import Urgency
+from triage_node.detectors.findings import Finding, Urgency
 from triage_node.errors import TriageError
 from triage_node.state.db import Database
 from triage_node.worklist.events import WorklistEvents
@@ -70,19 +70,44 @@ class FindingSummary:
     label: str
     score: float
     volume_ml: float | None
+    diameter_mm: float | None = None
+    """Long-axis diameter, for findings measured that way (lung nodules)."""
+    shift_mm: float | None = None
+    """Midline shift proxy, for findings that carry one (brain tumours)."""
+
+    @staticmethod
+    def of(detector: str, label: str, finding: Finding) -> FindingSummary:
+        """The worklist's summary of a detector's finding."""
+        m = finding.measurements
+        return FindingSummary(detector=detector, label=label, score=finding.score,
+                              volume_ml=finding.volume_ml,
+                              diameter_mm=m.get("long_axis_diameter_mm"),
+                              shift_mm=m.get("midline_shift_mm"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector, "label": self.label,
-                "score": round(self.score, 4),
-                "volume_ml": None if self.volume_ml is None else round(self.volume_ml, 2)}
+        out: dict[str, Any] = {
+            "detector": self.detector, "label": self.label, "score": round(self.score, 4),
+            "volume_ml": None if self.volume_ml is None else round(self.volume_ml, 2)}
+        if self.diameter_mm is not None:
+            out["diameter_mm"] = round(self.diameter_mm, 1)
+        if self.shift_mm is not None:
+            out["shift_mm"] = round(self.shift_mm, 1)
+        return out
 
 
 def summarize(findings: Sequence[dict[str, Any]]) -> str:
-    """One line for a list: ``hemorrhage 12.0 mL p=0.90, …`` (empty when nothing was found)."""
+    """One line for a list: ``hemorrhage 12.0 mL p=0.90, nodule 34 mm p=0.78, …`` (empty when
+    nothing was found). A nodule is given by its long-axis diameter, a tumour with its midline
+    shift."""
     parts = []
     for f in findings:
-        volume = f.get("volume_ml")
-        size = f" {volume:.1f} mL" if volume is not None else ""
+        volume, diameter, shift = f.get("volume_ml"), f.get("diameter_mm"), f.get("shift_mm")
+        if diameter is not None:
+            size = f" {diameter:.0f} mm"
+        else:
+            size = f" {volume:.1f} mL" if volume is not None else ""
+        if shift is not None:
+            size += f" (midline shift {shift:.1f} mm)"
         parts.append(f"{f['label']}{size} p={f['score']:.2f}")
     return ", ".join(parts)
 
