@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -233,6 +234,12 @@ def test_detectors_show_versions_thresholds_and_held_out_metrics(
     assert det["thresholds"]["probability_threshold"] == 0.5
     assert det["held_out"]["metrics"]["counts"]["cases"] == 50
     assert "history" not in det["training"] and det["training"]["epochs"] == 75
+    # the engine's identity and how its findings are scored
+    committed = json.loads(manifest.read_text())
+    assert det["engine_sha256"] == committed["engine"]["sha256"]
+    assert det["device_uid"] == committed["training"]["device_uid"]
+    assert det["thresholds"]["finding_threshold"] == committed["finding_threshold"]
+    assert det["score_calibrated"] is True and det["refine"]["min_value"] == 46.0
 
 
 def test_nodule_detector_shows_its_diameter_threshold(

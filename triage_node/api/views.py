@@ -108,6 +108,8 @@ def detectors_view(node: Node) -> list[dict[str, Any]]:
         thresholds: dict[str, Any] = {"probability_threshold": m.probability_threshold}
         if m.task == "segmentation":
             thresholds["min_component_ml"] = m.min_component_ml
+            if m.finding_threshold is not None:
+                thresholds["finding_threshold"] = m.finding_threshold
         urgent_diameter = getattr(det, "urgent_diameter_mm", None)
         critical = getattr(det, "critical_volume_ml", None)
         if urgent_diameter is not None:  # nodules: the tier follows the diameter, not a volume
@@ -123,6 +125,11 @@ def detectors_view(node: Node) -> list[dict[str, Any]]:
             evaluation = {"split": data.get("split"), "metrics": data.get("metrics")}
         training = {k: v for k, v in m.training.items() if k != "history" and _small(v)}
         out.append({"name": name, "version": m.version, "task": m.task,
+                    "engine_sha256": m.engine.sha256,
+                    "device_uid": m.training.get("device_uid"),
+                    "score_calibrated": (m.finding_calibration is not None
+                                         or m.classification is not None),
+                    "refine": m.refine.model_dump() if m.refine is not None else None,
                     "description": m.description, "modalities": m.modalities,
                     "thresholds": thresholds,
                     "labels": [label.label for label in m.labels],
