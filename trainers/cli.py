@@ -6,6 +6,7 @@
     python -m trainers export ct-head-hemorrhage [--seed S --out DIR]
     python -m trainers evaluate ct-head-hemorrhage [--engine-dir DIR --cases 50]
     python -m trainers evaluate ct-head-hemorrhage --dataset M.yaml [--folds K]
+    python -m trainers crossval ct-head-hemorrhage --dataset M.yaml [--folds 5 --epochs N]
     python -m trainers card ct-head-hemorrhage [--engine-dir DIR --out FILE]
     python -m trainers calibrate ct-head-hemorrhage [--cases 60 --seed S]
     python -m trainers build-engine ct-head-hemorrhage [--fp16|--fp32 --workspace-mb N]
@@ -106,6 +107,23 @@ def _parser() -> argparse.ArgumentParser:
     card.add_argument("--engine-dir", type=Path, default=None)
     card.add_argument("--out", type=Path, default=None)
 
+    crossval = sub.add_parser(
+        "crossval",
+        help="stratified k-fold cross-validation on a dataset: one model trained per fold",
+    )
+    common(crossval)
+    crossval.add_argument("--dataset", type=Path, required=True, help="the site's manifest")
+    crossval.add_argument("--folds", type=int, default=5)
+    crossval.add_argument("--seed", type=int, default=0)
+    crossval.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    crossval.add_argument("--critical-volume-ml", type=float,
+                          default=DEFAULT_CRITICAL_VOLUME_ML)
+    crossval.add_argument("--run-dir", type=Path, default=None,
+                          help="default trainers/runs/NAME-crossval-SEED")
+    crossval.add_argument("--out", type=Path, default=None,
+                          help="fold engines and report (default trainers/runs/NAME-crossval-"
+                               "SEED/engines)")
+
     calibrate = sub.add_parser(
         "calibrate",
         help="fit the finding-score calibration on validation phantoms (segmentation)",
@@ -136,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "calibrate":
         return _calibrate(args, recipe, console)
     dataset = _dataset(args, recipe)
+    if args.command == "crossval":
+        return _crossval(args, recipe, dataset, console)
     if isinstance(recipe, ClassifierRecipe):
         return _classification(args, recipe, console)
     if isinstance(recipe, NoduleRecipe):
@@ -222,6 +242,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.log(f"model card written: {out}")
         return 0
     return 2
+
+
+def _crossval(args: argparse.Namespace, recipe: object, dataset: DatasetManifest | None,
+              console: Console) -> int:
+    """``crossval``: one model per stratified fold of a site dataset (trainers.crossval)."""
+    from trainers.crossval import crossval
+
+    assert isinstance(recipe, DetectorRecipe) and dataset is not None  # checked by _dataset
+    root = args.run_dir or REPO_ROOT / "trainers" / "runs" / f"{recipe.name}-crossval-{args.seed}"
+    try:
+        report = crossval(
+            recipe, dataset, folds=args.folds, seed=args.seed,
+            epochs=args.epochs if args.epochs is not None else recipe.training.epochs,
+            run_dir=root, out_dir=args.out or root / "engines", threads=args.threads,
+            critical_volume_ml=args.critical_volume_ml, console=console,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"crossval: {exc}") from exc
+    for name, summary in report["summary"].items():
+        console.log(f"{args.folds}-fold {name}: mean {summary['mean']} std {summary['std']} "
+                    f"(per fold {summary['per_fold']})")
+    console.log(f"report: {report['path']}")
+    return 0
 
 
 def _calibrate(args: argparse.Namespace, recipe: object, console: Console) -> int:
