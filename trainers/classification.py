@@ -70,7 +70,7 @@ from triage_node.detectors.manifest import (
     sha256_of,
 )
 from triage_node.detectors.transforms import apply_preprocessing, build_preprocessing
-from triage_node.results.identity import derive_uid
+from triage_node.results.identity import engine_device_uid
 
 EVALUATION_FILE = "evaluation.json"
 #: The chest phantom, the default of :class:`RadiographCase` (older callers and caches).
@@ -652,9 +652,8 @@ def export_classifier(
         "history": history,
         "validation": val_summary,
         "weights": WEIGHTS_FILE,
-        # A UID of this trained engine: derived from its sha256, so every trained version
-        # gets a new one (the SR's Device Observer UID is derived per node and version).
-        "device_uid": str(derive_uid("engine", recipe.name, sha256_of(out_dir / ENGINE_FILE))),
+        # Changes with every trained version (derived from the engine file's sha256).
+        "device_uid": str(engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))),
         "export": {
             "exporter": "torch.onnx.export(dynamo=True), static input "
             f"1×1×{recipe.input_shape[1]}×{recipe.input_shape[2]}",

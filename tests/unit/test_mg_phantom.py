@@ -68,6 +68,23 @@ def test_mass_mask_matches_its_diameter_and_is_denser(margin: str) -> None:
         assert np.array_equal(with_mass[far], normal[far])
 
 
+def test_a_mass_is_denser_than_the_fibroglandular_tissue() -> None:
+    """Phantom version 2: a mass is denser than the breast's dense tissue, as real masses are
+    (version 1 drew it fainter than the parenchyma, and no engine learnt it well). Twelve
+    heterogeneously dense (c) breasts with 8–35.5 mm masses: the mass's mean exceeds the 90th
+    percentile of the same breast rendered without it in most (11 of 12 when measured), and
+    it is brighter than the tissue it displaces in all (by 0.17 or more when measured)."""
+    above = 0
+    for i in range(12):
+        params = draw_mammogram([99, i], mass_diameter_mm=8.0 + 2.5 * i, density="c")
+        with_mass, mask, _ = render_mammogram(params, (320, 256), 1)
+        normal, _, _ = render_mammogram({**params, "mass": None}, (320, 256), 1)
+        mass_mean = float(with_mass[mask].mean())
+        above += mass_mean > float(np.percentile(normal[normal > 0.1], 90))
+        assert mass_mean > float(normal[mask].mean()) + 0.1
+    assert above >= 9
+
+
 def test_views_lateralities_and_decoys_vary_on_normals_and_positives() -> None:
     seen: dict[bool, set[str]] = {False: set(), True: set()}
     views: set[tuple[str, str]] = set()
