@@ -67,7 +67,7 @@ from triage_node.detectors.transforms import (
     build_preprocessing,
 )
 from triage_node.imaging.volume import Volume
-from triage_node.results.identity import derive_uid
+from triage_node.results.identity import engine_device_uid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _MAX_COORDS = 4096
@@ -452,12 +452,6 @@ def load_tumour_model(
     return model, saved
 
 
-def engine_device_uid(name: str, engine_sha256: str) -> str:
-    """A UID for this trained engine (derived from its sha256: every trained version gets a
-    new one); the node's TID 1004 Device Observer UID is derived per node and version."""
-    return str(derive_uid("engine", name, engine_sha256))
-
-
 def export_tumour(recipe: TumourRecipe, checkpoint_path: Path, out_dir: Path, *, seed: int) -> Path:
     """Export the checkpoint to ONNX in ``out_dir`` (parity-checked) and write the manifest."""
     model, saved = load_tumour_model(recipe, checkpoint_path)
@@ -511,7 +505,8 @@ def export_tumour(recipe: TumourRecipe, checkpoint_path: Path, out_dir: Path, *,
         },
         "versions": _versions(),
     }
-    training["device_uid"] = engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))
+    training["device_uid"] = str(engine_device_uid(recipe.name,
+                                                   sha256_of(out_dir / ENGINE_FILE)))
     manifest = Manifest(
         name=recipe.name,
         version=recipe.version,

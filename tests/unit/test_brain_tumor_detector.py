@@ -13,7 +13,6 @@ from monai.networks.layers import Norm
 from monai.networks.nets import UNet
 from pydicom.data import get_testdata_file
 
-from trainers.brain_tumor import engine_device_uid
 from trainers.phantoms.brain_mr import generate_brain_mr
 from trainers.recipes import MR_BRAIN_TUMOR
 from triage_node.config.loader import load_detector_configs
@@ -26,6 +25,7 @@ from triage_node.imaging.loader import load_series
 from triage_node.imaging.volume import Volume
 from triage_node.node import build_detector
 from triage_node.results.device import AlgorithmInfo, DeviceInfo
+from triage_node.results.identity import engine_device_uid
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_DIR = REPO / "fixtures" / "engines" / "mr-brain-tumor"
