@@ -1,5 +1,4 @@
-"""Time per study of the cxr-pneumothorax and ct-chest-nodule detectors: ONNX Runtime vs
-PyTorch eager.
+"""Time per study of each detector: ONNX Runtime (the node) vs PyTorch eager, in one run.
 
 A 2048 × 2048 phantom chest radiograph with a pneumothorax is written as a 14-bit MONOCHROME1
 DX file and read back with the node's loader, so the detector sees what the node sees. Then,
@@ -13,6 +12,10 @@ on the same volume:
 The first run of each is reported on its own (session warm-up, allocator), then the median
 of the following runs. Target: ≤ 0.5 s per radiograph on the node.
 
+ct-head-hemorrhage: a 512 × 512 × 120 phantom head CT (1.25 mm slices) with a 20 mL bleed,
+written as a DICOM series and loaded back, timed the same way (segmentation, resampling and
+the border refinement on the image). Target: ≤ 2 s.
+
 ct-chest-nodule: a 512 × 512 × 120 phantom chest CT (2.5 mm slices) with a 9 mm nodule and a
 33 mm mass, written as a DICOM series and loaded back, timed the same way. Target: ≤ 2 s.
 
@@ -24,7 +27,7 @@ written as an MR Image Storage series and loaded back, timed the same way (segme
 resampling and the midline shift measurement). Target: ≤ 2 s, like a CT detector.
 
 Run: ``make bench`` or ``.venv/bin/python -m bench.detectors [--runs N --threads T]
-[--detector cxr-pneumothorax|ct-chest-nodule|mg-mass|mr-brain-tumor]``.
+[--detector ct-head-hemorrhage|cxr-pneumothorax|ct-chest-nodule|mg-mass|mr-brain-tumor]``.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ from trainers.phantoms.brain_mr import generate_brain_mr
 from trainers.phantoms.chest_ct import NodulePlan, generate_chest_ct
 from trainers.phantoms.chest_xr import generate_chest_xr, write_chest_radiograph
 from trainers.phantoms.dicom import write_ct_series, write_mr_series
+from trainers.phantoms.head_ct import generate_head_ct
 from trainers.phantoms.mammo import generate_mammogram, write_mammogram
 from trainers.recipes import CamClassifier
 from triage_node.detectors.brain_tumor import BrainTumorDetector
 from triage_node.detectors.classification import ClassificationDetector
 from triage_node.detectors.nodules import NoduleDetector
+from triage_node.detectors.segmentation import SegmentationDetector
 from triage_node.imaging.loader import load_series
 from triage_node.imaging.volume import Volume
 
@@ -79,8 +84,10 @@ class _TorchEngine:
         return out
 
 
-def _time(detector: ClassificationDetector | NoduleDetector | BrainTumorDetector, volume: Volume,
-          runs: int) -> dict[str, list[float]]:
+Detector = ClassificationDetector | SegmentationDetector
+
+
+def _time(detector: Detector, volume: Volume, runs: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {}
     for _ in range(runs):
         started = time.perf_counter()
@@ -91,16 +98,39 @@ def _time(detector: ClassificationDetector | NoduleDetector | BrainTumorDetector
     return times
 
 
+def _compare(title: str, node: Detector, eager: Detector, volume: Volume, runs: int,
+             threads: int, target_s: float, per: str) -> None:
+    """Time the node's detector and the same detector on PyTorch eager; print both."""
+    results = {"ONNX Runtime (node)": _time(node, volume, runs),
+               "PyTorch eager": _time(eager, volume, runs)}
+    print(f"\n{title}, {threads} thread(s); first run, then median of {runs - 1}:")
+    medians = {}
+    for name, times in results.items():
+        parts = "  ".join(
+            f"{k} {statistics.median(v[1:]) if len(v) > 1 else v[0]:.3f}"
+            for k, v in times.items() if k != "wall"
+        )
+        wall = times["wall"]
+        medians[name] = statistics.median(wall[1:]) if len(wall) > 1 else wall[0]
+        print(f"  {name:20} first {wall[0]:.3f} s   median {medians[name]:.3f} s   ({parts})")
+    node_median, eager_median = medians["ONNX Runtime (node)"], medians["PyTorch eager"]
+    print(f"target ≤ {target_s:g} s per {per}: {'met' if node_median <= target_s else 'NOT met'}"
+          f"; ONNX Runtime / eager = {node_median / eager_median:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--detector",
-                        choices=("all", "cxr-pneumothorax", "ct-chest-nodule", "mg-mass",
-                                 "mr-brain-tumor"),
+                        choices=("all", "ct-head-hemorrhage", "cxr-pneumothorax",
+                                 "ct-chest-nodule", "mg-mass", "mr-brain-tumor"),
                         default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.detector == "ct-head-hemorrhage":
+        _head_ct(args.runs, args.threads)
+        return 0
     if args.detector == "ct-chest-nodule":
         _chest_nodule(args.runs, args.threads)
         return 0
@@ -126,22 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     node = ClassificationDetector(MANIFEST, threads=args.threads)
     eager = ClassificationDetector(MANIFEST, threads=args.threads)
     eager.engine = _TorchEngine(eager)
-    results = {"ONNX Runtime (node)": _time(node, volume, args.runs),
-               "PyTorch eager": _time(eager, volume, args.runs)}
-    print(f"\ncxr-pneumothorax, one 2048×2048 radiograph, {args.threads} thread(s); "
-          f"first run, then median of {args.runs - 1}:")
-    for name, times in results.items():
-        parts = "  ".join(
-            f"{k} {statistics.median(v[1:]) if len(v) > 1 else v[0]:.3f}"
-            for k, v in times.items() if k != "wall"
-        )
-        wall = times["wall"]
-        median = statistics.median(wall[1:]) if len(wall) > 1 else wall[0]
-        print(f"  {name:20} first {wall[0]:.3f} s   median {median:.3f} s   ({parts})")
-    node_median = statistics.median(results["ONNX Runtime (node)"]["wall"][1:] or
-                                    results["ONNX Runtime (node)"]["wall"])
-    print(f"\ntarget ≤ 0.5 s per radiograph: {'met' if node_median <= 0.5 else 'NOT met'}")
+    _compare("cxr-pneumothorax, one 2048×2048 radiograph", node, eager, volume, args.runs,
+             args.threads, 0.5, "radiograph")
     if args.detector == "all":
+        _head_ct(args.runs, args.threads)
         _chest_nodule(args.runs, args.threads)
         _mammo(args.runs, args.threads)
         _brain_mr(args.runs, args.threads)
@@ -170,35 +188,21 @@ def _mammo(runs: int, threads: int) -> None:
     node = ClassificationDetector(MG_MANIFEST, threads=threads)
     eager = ClassificationDetector(MG_MANIFEST, threads=threads)
     eager.engine = _TorchEngine(eager)
-    results = {"ONNX Runtime (node)": _time(node, volume, runs),
-               "PyTorch eager": _time(eager, volume, runs)}
-    print(f"\nmg-mass, one 2560×2048 mammogram, {threads} thread(s); "
-          f"first run, then median of {runs - 1}:")
-    for name, times in results.items():
-        parts = "  ".join(
-            f"{k} {statistics.median(v[1:]) if len(v) > 1 else v[0]:.3f}"
-            for k, v in times.items() if k != "wall"
-        )
-        wall = times["wall"]
-        median = statistics.median(wall[1:]) if len(wall) > 1 else wall[0]
-        print(f"  {name:20} first {wall[0]:.3f} s   median {median:.3f} s   ({parts})")
-    node_wall = results["ONNX Runtime (node)"]["wall"]
-    node_median = statistics.median(node_wall[1:] or node_wall)
-    print(f"\ntarget ≤ 0.5 s per radiograph: {'met' if node_median <= 0.5 else 'NOT met'}")
+    _compare("mg-mass, one 2560×2048 mammogram", node, eager, volume, runs, threads, 0.5, "image")
 
 
 NODULE_MANIFEST = MANIFEST.parents[1] / "ct-chest-nodule" / "manifest.json"
 
 
 class _TorchUNetEngine:
-    """The ct-chest-nodule weights in PyTorch eager, behind the node's engine interface."""
+    """A 3-D UNet engine's weights in PyTorch eager, behind the node's engine interface."""
 
     input_name = "image"
     output_name = "logits"
 
-    def __init__(self, detector: NoduleDetector | BrainTumorDetector) -> None:
+    def __init__(self, detector: SegmentationDetector) -> None:
         net = detector.manifest.training["network"]
-        self.model = UNet(spatial_dims=3, in_channels=1, out_channels=net["out_channels"],
+        self.model = UNet(spatial_dims=3, in_channels=1, out_channels=net.get("out_channels", 1),
                           channels=tuple(net["channels"]), strides=tuple(net["strides"]),
                           num_res_units=net["num_res_units"], norm=Norm.BATCH)
         weights = detector.manifest_path.parent / detector.manifest.training["weights"]
@@ -236,22 +240,33 @@ def _chest_nodule(runs: int, threads: int) -> None:
     node = NoduleDetector(NODULE_MANIFEST, threads=threads)
     eager = NoduleDetector(NODULE_MANIFEST, threads=threads)
     eager.engine = _TorchUNetEngine(eager)
-    results = {"ONNX Runtime (node)": _time(node, volume, runs),
-               "PyTorch eager": _time(eager, volume, runs)}
-    print(f"\nct-chest-nodule, one 512×512×120 CT, {threads} thread(s); "
-          f"first run, then median of {runs - 1}:")
-    for name, times in results.items():
-        parts = "  ".join(
-            f"{k} {statistics.median(v[1:]) if len(v) > 1 else v[0]:.3f}"
-            for k, v in times.items() if k != "wall"
-        )
-        wall = times["wall"]
-        median = statistics.median(wall[1:]) if len(wall) > 1 else wall[0]
-        print(f"  {name:20} first {wall[0]:.3f} s   median {median:.3f} s   ({parts})")
-    node_wall = results["ONNX Runtime (node)"]["wall"]
-    node_median = statistics.median(node_wall[1:] or node_wall)
-    print(f"\ntarget ≤ 2 s per CT: {'met' if node_median <= 2.0 else 'NOT met'}")
+    _compare("ct-chest-nodule, one 512×512×120 CT", node, eager, volume, runs, threads, 2.0, "CT")
 
+
+
+HEAD_MANIFEST = MANIFEST.parents[1] / "ct-head-hemorrhage" / "manifest.json"
+
+
+def _head_ct(runs: int, threads: int) -> None:
+    """ct-head-hemorrhage on a 512 × 512 × 120 head CT written as DICOM and loaded back."""
+    started = time.perf_counter()
+    hu, _, info = generate_head_ct(2048, shape=(120, 512, 512), spacing=(1.25, 0.45, 0.45),
+                                   bleed_ml=20.0, bleed_kind="intraparenchymal")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_ct_series(
+            hu, (1.25, 0.45, 0.45), Path(tmp), patient_name="PHANTOM^BENCH",
+            patient_id="BENCH", accession_number="BENCH5", study_description="CT HEAD",
+            series_description="Axial 1.25mm brain", body_part_examined="HEAD",
+            origin=(float(info["origin"][0]), float(info["origin"][1]),
+                    float(info["origin"][2])))
+        volume = load_series(paths)
+    print(f"\n512×512×120 head CT generated, written and loaded in "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
+    node = SegmentationDetector(HEAD_MANIFEST, threads=threads)
+    eager = SegmentationDetector(HEAD_MANIFEST, threads=threads)
+    eager.engine = _TorchUNetEngine(eager)
+    _compare("ct-head-hemorrhage, one 512×512×120 CT", node, eager, volume, runs, threads, 2.0,
+             "CT")
 
 
 MR_MANIFEST = MANIFEST.parents[1] / "mr-brain-tumor" / "manifest.json"
@@ -274,21 +289,7 @@ def _brain_mr(runs: int, threads: int) -> None:
     node = BrainTumorDetector(MR_MANIFEST, threads=threads)
     eager = BrainTumorDetector(MR_MANIFEST, threads=threads)
     eager.engine = _TorchUNetEngine(eager)
-    results = {"ONNX Runtime (node)": _time(node, volume, runs),
-               "PyTorch eager": _time(eager, volume, runs)}
-    print(f"\nmr-brain-tumor, one 176×256×256 MR, {threads} thread(s); "
-          f"first run, then median of {runs - 1}:")
-    for name, times in results.items():
-        parts = "  ".join(
-            f"{k} {statistics.median(v[1:]) if len(v) > 1 else v[0]:.3f}"
-            for k, v in times.items() if k != "wall"
-        )
-        wall = times["wall"]
-        median = statistics.median(wall[1:]) if len(wall) > 1 else wall[0]
-        print(f"  {name:20} first {wall[0]:.3f} s   median {median:.3f} s   ({parts})")
-    node_wall = results["ONNX Runtime (node)"]["wall"]
-    node_median = statistics.median(node_wall[1:] or node_wall)
-    print(f"\ntarget ≤ 2 s per MR: {'met' if node_median <= 2.0 else 'NOT met'}")
+    _compare("mr-brain-tumor, one 176×256×256 MR", node, eager, volume, runs, threads, 2.0, "MR")
 
 
 if __name__ == "__main__":
