@@ -341,7 +341,7 @@ def train_tumour(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=spec.learning_rate, total_steps=epochs * steps_per_epoch, pct_start=0.08
     )
-    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    loss_fn = DiceCELoss(sigmoid=True, batch=not spec.dice_per_case)
     state = TrainState(data_seconds=data_seconds)
     if checkpoint_path.exists():
         expected = {"fingerprint": recipe.fingerprint(), "seed": seed, "epochs": epochs}
@@ -486,7 +486,8 @@ def export_tumour(recipe: TumourRecipe, checkpoint_path: Path, out_dir: Path, *,
             "effect; decoys: periventricular caps, sinus flow artefact, vessel-like tubes, "
             "small bright lesions; targets: tumour and midline band (septum ± 2.5 mm)"
         ),
-        "loss": "DiceCELoss(sigmoid=True, batch=True) over both channels, soft targets",
+        "loss": f"DiceCELoss(sigmoid=True, batch={not spec.dice_per_case}) over both channels, "
+        "soft targets",
         "optimizer": f"AdamW lr {spec.learning_rate} + OneCycleLR",
         "network": {"class": "monai.networks.nets.UNet", **asdict(recipe.network), "norm": "batch"},
         "train_minutes": round(state["train_seconds"] / 60.0, 2),

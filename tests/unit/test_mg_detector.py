@@ -144,14 +144,17 @@ def test_mammograms_run_with_the_manifest_urgency_heatmap_and_side(
                 assert finding.laterality is not None
                 assert finding.laterality.meaning == {"L": "Left", "R": "Right"}[laterality]
                 m = finding.measurements
-                assert m["region_row_min"] <= m["peak_row"] <= m["region_row_max"]
+                # a positive with no class-activation evidence (all-zero CAM) has no region
+                assert ("peak_row" in m) == (float(heat.max()) > 0.0)
+                if "peak_row" in m:
+                    assert m["region_row_min"] <= m["peak_row"] <= m["region_row_max"]
 
 
 def test_a_large_mass_draws_the_heatmap_and_raises_the_score_of_the_same_breast(
     detector: ClassificationDetector,
 ) -> None:
     """Eight breasts rendered with and without a 30 mm spiculated mass (same anatomy, decoys
-    and noise). Version 0.2.0 (card: held-out AUC about 0.97, urgent sensitivity 1.0 for
+    and noise). Version 0.3.0 (card: held-out AUC about 0.98, urgent sensitivity 1.0 for
     20–40 mm masses) puts the heatmap peak on the mass (within 5 mm) in 8 of 8 and every
     mass image above the urgent threshold (lowest 0.89 against 0.33), with a mean score gain
     of 0.91 when measured; the assertions leave margin for thread and platform noise. An
