@@ -27,7 +27,7 @@ from rich.progress import Progress
 
 from trainers.card import num, pct
 from trainers.data import SPLIT_CODES
-from trainers.evaluate import EVALUATION_FILE, _dice, _rate
+from trainers.evaluate import EVALUATION_FILE, _dice, _phantom_volume, _rate
 from trainers.export import (
     ENGINE_FILE,
     OPSET,
@@ -66,7 +66,6 @@ from triage_node.detectors.transforms import (
     build_label_preprocessing,
     build_preprocessing,
 )
-from triage_node.imaging.volume import Volume
 from triage_node.results.identity import engine_device_uid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -589,20 +588,6 @@ def run_command(args: Any, recipe: TumourRecipe, console: Console) -> int:
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def _volume_of(image: np.ndarray, info: dict[str, Any], index: int) -> Volume:
-    # Synthetic, non-identifying UIDs under the 2.25 (UUID-derived) root.
-    return Volume(
-        array=image,
-        spacing=tuple(info["spacing"]),
-        origin=tuple(info["origin"]),
-        orientation=tuple(info["orientation"]),
-        modality="MR",
-        study_instance_uid=f"2.25.{3000 + index}",
-        series_instance_uid=f"2.25.{4000 + index}",
-        source_datasets=[],
-    )
-
-
 def _bootstrap_mean_ci(values: list[float], seed: int, n: int) -> tuple[float, float] | None:
     if not values:
         return None
@@ -728,7 +713,7 @@ def evaluate_tumour(
         task = progress.add_task("held-out phantoms", total=len(specs), status="")
         for case in specs:
             image, tumour, band, info = case.generate()
-            volume = _volume_of(image, info, case.index)
+            volume = _phantom_volume(image, info, case.index, modality="MR")
             result = detector.run(volume)
             timings.append(result.timings_s["total"])
             finding = result.findings[0] if result.findings else None

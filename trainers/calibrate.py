@@ -32,7 +32,7 @@ from trainers.export import write_manifest
 from trainers.recipes import DetectorRecipe, NoduleRecipe
 from triage_node.detectors.manifest import CalibrationSpec, load_manifest
 from triage_node.detectors.nodules import NoduleDetector
-from triage_node.detectors.segmentation import SegmentationDetector
+from triage_node.detectors.segmentation import SegmentationDetector, score_logit
 
 #: Validation phantoms used when ``--cases`` is not given.
 DEFAULT_CASES = 60
@@ -54,12 +54,6 @@ def smoothed_targets(labels: np.ndarray) -> np.ndarray:
     return np.where(labels, (positives + 1) / (positives + 2), 1.0 / (negatives + 2))
 
 
-def raw_logit(score: float) -> float:
-    """The logit of a raw score in (0, 1), clipped away from 0 and 1 as the detector does."""
-    p = min(max(score, 1e-6), 1.0 - 1e-6)
-    return math.log(p / (1.0 - p))
-
-
 def fit_finding_calibration(scores: list[float], real: list[bool]) -> CalibrationSpec:
     """Platt scaling of raw finding scores with smoothed targets.
 
@@ -69,7 +63,7 @@ def fit_finding_calibration(scores: list[float], real: list[bool]) -> Calibratio
     """
     if not scores:
         raise ValueError("no findings on the validation phantoms: nothing to calibrate")
-    z = np.array([raw_logit(s) for s in scores])
+    z = np.array([score_logit(s) for s in scores])
     y = smoothed_targets(np.array(real))
 
     def loss(params: np.ndarray) -> float:
@@ -182,7 +176,7 @@ def calibrate_findings(
     scores = [s for s, _ in pairs]
     real = [r for _, r in pairs]
     spec = fit_finding_calibration(scores, real)
-    calibrated = [spec.probability(raw_logit(s)) for s in scores]
+    calibrated = [spec.probability(score_logit(s)) for s in scores]
     if isinstance(recipe, NoduleRecipe):
         # A nodule detector runs at a point of its FROC curve: the most sensitive threshold
         # with at most NODULE_FP_PER_SCAN false findings per validation scan.

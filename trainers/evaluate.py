@@ -65,14 +65,15 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(pred & truth)) / total
 
 
-def _phantom_volume(hu: np.ndarray, info: dict[str, Any], index: int) -> Volume:
+def _phantom_volume(hu: np.ndarray, info: dict[str, Any], index: int,
+                    modality: str = "CT") -> Volume:
     # Synthetic, non-identifying UIDs under the 2.25 (UUID-derived) root.
     return Volume(
         array=hu,
         spacing=tuple(info["spacing"]),
         origin=tuple(info["origin"]),
         orientation=tuple(info["orientation"]),
-        modality="CT",
+        modality=modality,
         study_instance_uid=f"2.25.{1000 + index}",
         series_instance_uid=f"2.25.{2000 + index}",
         source_datasets=[],

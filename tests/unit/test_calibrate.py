@@ -10,9 +10,9 @@ from trainers.calibrate import (
     finding_threshold,
     fit_finding_calibration,
     fp_budget_threshold,
-    raw_logit,
     smoothed_targets,
 )
+from triage_node.detectors.segmentation import score_logit
 
 
 def test_smoothed_targets_follow_platt() -> None:
@@ -27,7 +27,7 @@ def test_an_overconfident_detector_is_pulled_towards_its_observed_precision() ->
     real = rng.random(400) < 0.7
     scores = np.where(real, rng.uniform(0.97, 0.9999, 400), rng.uniform(0.9, 0.995, 400))
     spec = fit_finding_calibration(list(scores), list(real))
-    calibrated = np.array([spec.probability(raw_logit(s)) for s in scores])
+    calibrated = np.array([spec.probability(score_logit(s)) for s in scores])
     assert brier(list(calibrated), list(real)) < brier(list(scores), list(real))
     assert abs(calibrated.mean() - real.mean()) < 0.05
     # increasing: the ranking (FROC, worklist order) is unchanged
@@ -38,7 +38,7 @@ def test_an_overconfident_detector_is_pulled_towards_its_observed_precision() ->
 def test_all_true_findings_still_give_a_finite_calibration_below_one() -> None:
     spec = fit_finding_calibration([0.99, 0.995, 0.999, 0.98], [True] * 4)
     assert 0.0 < spec.slope < 10.0
-    assert 0.5 < spec.probability(raw_logit(0.99)) < 1.0
+    assert 0.5 < spec.probability(score_logit(0.99)) < 1.0
 
 
 def test_no_finding_cannot_be_calibrated() -> None:

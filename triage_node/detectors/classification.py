@@ -39,7 +39,7 @@ import structlog
 from scipy import ndimage
 
 from triage_node.detectors.engines import Engine, EngineOptions, load_engine
-from triage_node.detectors.findings import Code, DetectorResult, Finding, Urgency
+from triage_node.detectors.findings import LEFT, RIGHT, Code, DetectorResult, Finding, Urgency
 from triage_node.detectors.manifest import ClassificationSpec, Manifest, load_manifest
 from triage_node.detectors.transforms import (
     apply_preprocessing,
@@ -302,10 +302,7 @@ class ClassificationDetector:
 
 
 #: Image Laterality (0020,0062) as the SCT qualifiers TID 1500 uses for a finding site.
-_LATERALITY = {
-    "L": Code("7771000", "SCT", "Left"),
-    "R": Code("24028007", "SCT", "Right"),
-}
+_LATERALITY = {"L": LEFT, "R": RIGHT}
 
 
 def _image_laterality(volume: Volume) -> Code | None:

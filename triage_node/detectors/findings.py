@@ -79,3 +79,8 @@ class DetectorResult:
     @property
     def positive(self) -> bool:
         return bool(self.findings)
+
+
+LEFT = Code(value="7771000", scheme="SCT", meaning="Left")
+RIGHT = Code(value="24028007", scheme="SCT", meaning="Right")
+"""SCT laterality qualifiers (TID 1500 finding-site modifier) for ``Finding.laterality``."""

@@ -36,9 +36,9 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from triage_node.detectors.engines import EngineOptions
-from triage_node.detectors.findings import Code, Finding, Urgency
-from triage_node.detectors.manifest import LabelSpec, RefineSpec
-from triage_node.detectors.refine import grow_box, refine_mask
+from triage_node.detectors.findings import LEFT, RIGHT, Code, Finding, Urgency
+from triage_node.detectors.manifest import LabelSpec
+from triage_node.detectors.refine import refine_in_box
 from triage_node.detectors.segmentation import (
     _CONNECTIVITY,
     SegmentationDetector,
@@ -57,8 +57,6 @@ MAX_NODULES = 10
 
 LEFT_LUNG = Code(value="44029006", scheme="SCT", meaning="Left lung structure")
 RIGHT_LUNG = Code(value="3341006", scheme="SCT", meaning="Right lung structure")
-LEFT = Code(value="7771000", scheme="SCT", meaning="Left")
-RIGHT = Code(value="24028007", scheme="SCT", meaning="Right")
 
 
 def _slice_diameters(points: np.ndarray) -> tuple[float, float]:
@@ -103,17 +101,6 @@ def axial_long_axis_mm(mask: np.ndarray, pixel_mm: tuple[float, float]) -> tuple
         if long_axis > best[0] or best == (0.0, 0.0):
             best = (long_axis, short_axis)
     return best[0] + pixel, best[1] + pixel
-
-
-def _refined(
-    local: np.ndarray, where: tuple[slice, slice, slice], volume: Volume, spec: RefineSpec
-) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
-    """One nodule's mask redrawn on the image (:func:`refine_mask`), in a grown box."""
-    grown = grow_box(where, spec, volume.shape)
-    padded = np.zeros(tuple(s.stop - s.start for s in grown), dtype=bool)
-    padded[tuple(slice(a.start - b.start, a.stop - b.start)
-                 for a, b in zip(where, grown, strict=True))] = local
-    return refine_mask(padded, volume.array[grown], spec), grown
 
 
 class NoduleDetector(SegmentationDetector):
@@ -208,7 +195,8 @@ class NoduleDetector(SegmentationDetector):
                        for s, o in zip(where, offset, strict=True))
             full_where = (z, y, x)
             if self.manifest.refine is not None:
-                local, full_where = _refined(local, full_where, volume, self.manifest.refine)
+                local, full_where = refine_in_box(local, full_where, volume.array,
+                                                  self.manifest.refine)
             start = np.array([s.start for s in full_where], dtype=float)
             centre = np.array(ndimage.center_of_mass(local), dtype=float) + start
             centroid = volume.voxel_to_patient((float(centre[0]), float(centre[1]),

@@ -91,3 +91,15 @@ def refine_mask(mask: np.ndarray, values: np.ndarray, spec: RefineSpec) -> np.nd
     out = np.zeros_like(mask)
     out[box] = refined
     return out
+
+
+def refine_in_box(
+    local: np.ndarray, box: tuple[slice, slice, slice], values: np.ndarray, spec: RefineSpec
+) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """:func:`refine_mask` of a mask ``local`` that covers ``box`` of the volume ``values``:
+    the refined mask and the box (grown by the search margin) it now covers."""
+    grown = grow_box(box, spec, values.shape)
+    padded = np.zeros(tuple(s.stop - s.start for s in grown), dtype=bool)
+    padded[tuple(slice(a.start - b.start, a.stop - b.start)
+                 for a, b in zip(box, grown, strict=True))] = local
+    return refine_mask(padded, values[grown], spec), grown

@@ -37,7 +37,7 @@ from scipy import ndimage
 from triage_node.detectors.engines import Engine, EngineOptions, load_engine
 from triage_node.detectors.findings import DetectorResult, Finding, Urgency
 from triage_node.detectors.manifest import LabelSpec, Manifest, load_manifest
-from triage_node.detectors.refine import grow_box, refine_mask
+from triage_node.detectors.refine import refine_in_box
 from triage_node.detectors.transforms import (
     apply_preprocessing,
     build_preprocessing,
@@ -131,6 +131,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     out += 1.0
     np.reciprocal(out, out=out)
     return out
+
+
+def score_logit(score: float) -> float:
+    """The logit of a raw finding score in (0, 1), clipped away from 0 and 1: the input of
+    the manifest's ``finding_calibration`` (also what ``trainers.calibrate`` fits on)."""
+    p = min(max(score, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
 
 
 class SegmentationDetector:
@@ -230,10 +237,7 @@ class SegmentationDetector:
         manifest's ``finding_calibration`` (Platt scaling of its logit), or the raw score
         when the manifest has none."""
         spec = self.manifest.finding_calibration
-        if spec is None:
-            return raw_score
-        p = min(max(raw_score, 1e-6), 1.0 - 1e-6)
-        return spec.probability(math.log(p / (1.0 - p)))
+        return raw_score if spec is None else spec.probability(score_logit(raw_score))
 
     def reportable(self, score: float) -> bool:
         """Whether a finding with this (calibrated) score reaches the manifest's
@@ -335,12 +339,7 @@ class SegmentationDetector:
         if not self.reportable(score):
             return None
         if self.manifest.refine is not None:
-            spec = self.manifest.refine
-            grown = grow_box(box3, spec, full_shape)
-            padded = np.zeros(tuple(s.stop - s.start for s in grown), dtype=bool)
-            padded[tuple(slice(a.start - b.start, a.stop - b.start)
-                         for a, b in zip(box3, grown, strict=True))] = kept
-            box3, kept = grown, refine_mask(padded, volume.array[grown], spec)
+            kept, box3 = refine_in_box(kept, box3, volume.array, self.manifest.refine)
             labels, count = ndimage.label(kept, structure=_CONNECTIVITY)
             sizes = np.bincount(labels.ravel(), minlength=count + 1)
             keep_ids = np.arange(1, count + 1)
