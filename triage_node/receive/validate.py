@@ -1,7 +1,8 @@
 """Cheap checks that decide whether a received instance is usable, before it is spooled.
 
 Called from :func:`triage_node.spool.index.read_header` for every instance (C-STORE and
-STOW-RS alike), right after pydicom has parsed the header with ``stop_before_pixels``. The
+STOW-RS alike), right after the header was read (by :mod:`triage_node.spool.header_scan`, or
+by pydicom with ``stop_before_pixels``). The
 checks look at the bytes and a handful of header attributes only; pixel data is never copied
 or decoded, so they cost microseconds on the receive hot path.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import mmap
 import struct
 import threading
+from typing import Any, Protocol
 
 from pydicom.dataset import FileDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -63,7 +65,13 @@ def current_limits() -> LimitsConfig:
     return _limits
 
 
-def _int(ds: FileDataset, keyword: str, default: int | None = None) -> int | None:
+class _Attributes(Protocol):
+    """What the geometry checks read: a parsed ``Dataset``, or the scanned attributes."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+
+def _int(ds: _Attributes, keyword: str, default: int | None = None) -> int | None:
     try:
         value = ds.get(keyword, default)
         if value is None or value == "":
@@ -130,7 +138,7 @@ def _check_encapsulated(data: Received, offset: int) -> None:
             raise UnusableDicomError("pixel data truncated: a fragment is cut short")
 
 
-def _check_geometry(ds: FileDataset, keyword: str, limits: LimitsConfig) -> int:
+def _check_geometry(ds: _Attributes, keyword: str, limits: LimitsConfig) -> int:
     """Validate the image pixel module; return the expected native byte count."""
     rows = _int(ds, "Rows")
     columns = _int(ds, "Columns")
@@ -188,8 +196,21 @@ def check_received(ds: FileDataset, data: Received, stop_offset: int,
         _check_header_complete(ds, data)
         return
     implicit, little = ds.original_encoding
-    keyword, length, value_at = _pixel_element(data, stop_offset, bool(implicit),
-                                               bool(little))
+    _check_pixel_data(ds, data, stop_offset, syntax, bool(implicit), bool(little), limits)
+
+
+def check_scanned(attributes: dict[str, Any], data: Received, stop_offset: int, syntax: str,
+                  implicit: bool, limits: LimitsConfig | None = None) -> None:
+    """:func:`check_received` for a header read by :mod:`triage_node.spool.header_scan`
+    (little endian, not deflated, the data set complete up to ``stop_offset``)."""
+    if stop_offset < len(data):
+        _check_pixel_data(attributes, data, stop_offset, syntax, implicit, True,
+                          limits or _limits)
+
+
+def _check_pixel_data(ds: _Attributes, data: Received, stop_offset: int, syntax: str,
+                      implicit: bool, little: bool, limits: LimitsConfig) -> None:
+    keyword, length, value_at = _pixel_element(data, stop_offset, implicit, little)
     if length == _UNDEFINED:
         _check_geometry(ds, keyword, limits)
         _check_encapsulated(data, value_at)

@@ -1,6 +1,7 @@
 """Index of spooled instances: studies, series and instances in the state database.
 
-Attributes are read once, from the header only (``stop_before_pixels``), when an instance is
+Attributes are read once, from the header only (:mod:`triage_node.spool.header_scan` for the
+common encodings, pydicom's ``stop_before_pixels`` for the rest), when an instance is
 received; routing then evaluates rules on these indexed values instead of re-reading files.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 import pydicom
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
@@ -24,24 +25,24 @@ from pydicom.tag import BaseTag
 
 from triage_node.config.models import LimitsConfig
 from triage_node.errors import InvalidDicomError, UnusableDicomError
-from triage_node.receive.validate import Received, check_received
+from triage_node.receive.validate import Received, check_received, check_scanned
+from triage_node.spool.header_scan import (
+    BINARY_VRS,
+    FAST_CHARSETS,
+    MAX_VALUE_CHARS,
+    NUMERIC_VRS,
+    TEXT_VRS,
+    attribute_key,
+    raw_numbers,
+    raw_text,
+    scan,
+)
 from triage_node.spool.store import SpooledFile
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
 
-_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
-_MAX_VALUE_CHARS = 1024
-_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
-                       "TM", "UC", "UI", "UR", "UT"})
-_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
-"""VRs whose bytes follow Specific Character Set; the other text VRs are ASCII."""
-_SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
-_STRIPPED_BOTH_ENDS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
-_NUMERIC_VRS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
-                "UV": "Q", "SV": "q"}
-_FAST_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1",
-                  "ISO_IR 192": "utf-8"}
-"""Character sets decoded directly from the raw bytes; any other goes through pydicom."""
+_BINARY_VRS = BINARY_VRS
+_MAX_VALUE_CHARS = MAX_VALUE_CHARS
 
 
 def _plain(value: Any) -> str | list[str]:
@@ -68,32 +69,6 @@ def converted_attribute(ds: Dataset, tag: int) -> tuple[str, str | list[str]] | 
     return key, _plain(value)
 
 
-def _raw_text(raw: RawDataElement, vr: str, encoding: str) -> str | list[str] | None:
-    """A text value straight from its bytes, as pydicom would give it (None: empty)."""
-    assert raw.value is not None
-    text = raw.value.decode(encoding if vr in _CHARSET_VRS else "ascii")
-    if vr in _SINGLE_VALUED_VRS:
-        text = text.rstrip(" \x00")
-        return text[:_MAX_VALUE_CHARS] if text else None
-    strip = " \x00"
-    parts = [p.strip(strip) if vr in _STRIPPED_BOTH_ENDS else p.rstrip(strip)
-             for p in text.split("\\")]
-    if len(parts) == 1:
-        return parts[0][:_MAX_VALUE_CHARS] if parts[0] else None
-    return [p[:_MAX_VALUE_CHARS] for p in parts]
-
-
-def _raw_numbers(raw: RawDataElement, vr: str) -> str | list[str] | None:
-    assert raw.value is not None
-    fmt = _NUMERIC_VRS[vr]
-    size = struct.calcsize("<" + fmt)
-    if not raw.value or len(raw.value) % size:
-        raise ValueError("length is not a multiple of the value size")
-    endian = "<" if raw.is_little_endian else ">"
-    numbers = struct.unpack(f"{endian}{len(raw.value) // size}{fmt}", raw.value)
-    return str(numbers[0]) if len(numbers) == 1 else [str(n) for n in numbers]
-
-
 def header_attributes(ds: Dataset) -> dict[str, str | list[str]]:
     """Top-level, non-binary attributes by keyword (private tags by ``(gggg,eeee)``).
 
@@ -110,7 +85,7 @@ def header_attributes(ds: Dataset) -> dict[str, str | list[str]]:
     if charset is None:
         encoding = "ascii"
     elif isinstance(charset, RawDataElement) and charset.value is not None:
-        encoding = _FAST_CHARSETS.get(charset.value.decode("ascii", "replace").strip(" \x00"))
+        encoding = FAST_CHARSETS.get(charset.value.decode("ascii", "replace").strip(" \x00"))
     else:
         encoding = None
     for tag, raw in elements.items():
@@ -124,7 +99,7 @@ def header_attributes(ds: Dataset) -> dict[str, str | list[str]]:
                 vr = None
         fast = (encoding is not None and isinstance(raw, RawDataElement)
                 and raw.value is not None and vr is not None and vr != "UN"
-                and (vr in _TEXT_VRS or vr in _NUMERIC_VRS or vr in _BINARY_VRS))
+                and (vr in TEXT_VRS or vr in NUMERIC_VRS or vr in _BINARY_VRS))
         if not fast:
             converted = converted_attribute(ds, tag)
             if converted is not None:
@@ -134,15 +109,16 @@ def header_attributes(ds: Dataset) -> dict[str, str | list[str]]:
         if vr in _BINARY_VRS:
             continue
         try:
-            value = (_raw_text(raw, vr, encoding) if vr in _TEXT_VRS
-                     else _raw_numbers(raw, vr))
+            assert raw.value is not None
+            value = (raw_text(raw.value, vr, encoding) if vr in TEXT_VRS
+                     else raw_numbers(raw.value, vr, raw.is_little_endian))
         except (UnicodeDecodeError, ValueError, struct.error):
             converted = converted_attribute(ds, tag)
             if converted is not None:
                 attrs[converted[0]] = converted[1]
             continue
         if value is not None:
-            attrs[keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"] = value
+            attrs[attribute_key(tag)] = value
     return attrs
 
 
@@ -165,6 +141,17 @@ def read_header(data: Received, limits: LimitsConfig | None = None) -> InstanceH
     needs is missing, or :func:`~triage_node.receive.validate.check_received` refuses the pixel
     data or the geometry (with ``limits``, default: the configured ones). The message names what.
     """
+    scanned = scan(data)
+    if scanned is not None:  # the common case, read from the bytes (header_scan)
+        check_scanned(scanned.attributes, data, scanned.stop_offset, scanned.transfer_syntax,
+                      scanned.implicit_vr, limits)
+        return _header(scanned.attributes, scanned.transfer_syntax)
+    return read_header_with_pydicom(data, limits)
+
+
+def read_header_with_pydicom(data: Received, limits: LimitsConfig | None = None
+                             ) -> InstanceHeader:
+    """:func:`read_header` for any instance, through pydicom (the reference of the fast path)."""
     # A mapped file is read in place: no copy of the pixel data on the receive path.
     fp = cast(BinaryIO, data if isinstance(data, mmap.mmap) else io.BytesIO(data))
     fp.seek(0)
@@ -180,8 +167,12 @@ def read_header(data: Received, limits: LimitsConfig | None = None) -> InstanceH
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:
     """Index a parsed data set (from a file, or DICOM JSON metadata from WADO-RS)."""
-    attributes = header_attributes(ds)
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return _header(header_attributes(ds), tsyntax)
 
+
+def _header(attributes: dict[str, str | list[str]], tsyntax: str) -> InstanceHeader:
     def text(keyword: str) -> str:
         value = attributes.get(keyword, "")
         return (value if isinstance(value, str) else "\\".join(value)).strip()
@@ -190,8 +181,6 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
                              "SOPClassUID") if not text(kw)]
     if missing:
         raise UnusableDicomError(f"missing required attribute(s): {', '.join(missing)}")
-    meta = getattr(ds, "file_meta", None)
-    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     return InstanceHeader(
         study_uid=text("StudyInstanceUID"),
         series_uid=text("SeriesInstanceUID"),

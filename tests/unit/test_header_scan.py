@@ -1,0 +1,136 @@
+"""The receive path's fast header reader gives what pydicom's path gives, or steps aside.
+
+``read_header`` tries :func:`triage_node.spool.header_scan.scan` first and falls back to
+``read_header_with_pydicom``. These tests run both on every file of pydicom's test data, the
+bad-input corpus, and thousands of truncations and byte corruptions of real files, and require
+the same outcome: the same :class:`InstanceHeader`, or the same error with the same message.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import BaseTag
+from pydicom.values import convert_value
+
+from trainers.phantoms.dicom import write_ct_series
+from triage_node.config.models import LimitsConfig
+from triage_node.spool.header_scan import TEXT_VRS, raw_text, scan
+from triage_node.spool.index import _plain, read_header, read_header_with_pydicom
+
+CORPUS = Path(__file__).resolve().parents[2] / "fixtures" / "bad-input"
+LIMITS = LimitsConfig(max_pixels_per_instance=4096 * 4096)
+
+
+def testdata(name: str) -> bytes:
+    path = get_testdata_file(name, download=False)
+    assert isinstance(path, str), name
+    return Path(path).read_bytes()
+
+
+def outcome(read: object, data: bytes) -> object:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return read(data, LIMITS)  # type: ignore[operator]
+        except Exception as exc:  # noqa: BLE001 - the outcome compared is the error itself
+            return (type(exc).__name__, str(exc))
+
+
+def assert_same(data: bytes, name: str) -> bool:
+    """Both paths agree on ``data``; returns whether the fast path took it."""
+    fast = scan(data) is not None
+    assert outcome(read_header, data) == outcome(read_header_with_pydicom, data), name
+    return fast
+
+
+def test_every_pydicom_test_file_reads_the_same() -> None:
+    taken = checked = 0
+    for name in get_testdata_files("*"):
+        if not Path(name).is_file():
+            continue
+        data = Path(name).read_bytes()
+        taken += assert_same(data, name)
+        checked += 1
+    assert checked > 100
+    # the common encodings take the fast path (implicit, explicit, encapsulated syntaxes)
+    assert taken > 60, taken
+    for common in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
+                   "MR_small_implicit.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"):
+        assert scan(testdata(common)) is not None, common
+
+
+def test_every_bad_input_file_reads_the_same() -> None:
+    files = sorted(CORPUS.glob("*.dcm"))
+    assert len(files) >= 20
+    for path in files:
+        assert_same(path.read_bytes(), path.name)
+
+
+def test_a_written_ct_series_takes_the_fast_path(tmp_path: Path) -> None:
+    hu = np.zeros((2, 64, 64), dtype=np.float32)
+    files = write_ct_series(hu, (1.0, 0.7, 0.7), tmp_path, patient_name="SCAN^TEST",
+                            patient_id="SCAN1", accession_number="ACC1",
+                            study_description="CT", series_description="Axial",
+                            body_part_examined="HEAD")
+    for path in files:
+        assert assert_same(path.read_bytes(), path.name)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
+                                  "SC_rgb_rle.dcm", "rtplan.dcm"])
+def test_every_truncation_reads_the_same(name: str) -> None:
+    """Cut at every offset of the header and at a sample of offsets in the pixel data."""
+    data = testdata(name)
+    scanned = scan(data)
+    header_end = scanned.stop_offset if scanned is not None else len(data)
+    cuts = list(range(0, min(header_end + 16, len(data))))
+    cuts += random.Random(name).sample(range(len(data)), min(200, len(data)))
+    for cut in cuts:
+        assert_same(data[:cut], f"{name}[:{cut}]")
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
+                                  "rtplan.dcm"])
+def test_corrupted_bytes_read_the_same(name: str) -> None:
+    """Random bytes overwritten in the header: lengths, VRs, tags, values, delimiters."""
+    data = testdata(name)
+    scanned = scan(data)
+    header_end = scanned.stop_offset + 12 if scanned is not None else len(data)
+    rng = random.Random(name)
+    for trial in range(600):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(128, min(header_end, len(data)))
+            mutated[at] = rng.choice([0x00, 0xFF, 0x20, 0x5C, 0x80, rng.randrange(256)])
+        assert_same(bytes(mutated), f"{name} trial {trial}")
+
+
+@pytest.mark.parametrize("vr", sorted(TEXT_VRS))
+def test_text_values_convert_as_pydicom_converts_them(vr: str) -> None:
+    """Random values built from padding, separators, name delimiters and control characters
+    (which Python's ``strip`` treats as white space): ``raw_text`` gives
+    pydicom's value, or refuses (ValueError) so that pydicom converts it."""
+    rng = random.Random(vr)
+    alphabet = [b"A", b"1", b" ", b"\x00", b"\\", b".", b"-", b"+", b"e", b"^", b"=", b"\t",
+                b"\n", b"\r", b"\x0b", b"\x0c", b"\x1c", b"\x1f"]
+    converted = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3000):
+            value = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+            try:
+                got = raw_text(value, vr, "ascii")
+            except ValueError:
+                continue
+            ref = convert_value(vr, RawDataElement(BaseTag(0x00100010), vr, len(value), value, 0,
+                                                   False, True))
+            assert got == (None if ref is None or ref == "" else _plain(ref)), value
+            converted += 1
+    assert converted > 300

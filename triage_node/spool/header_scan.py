@@ -1,0 +1,312 @@
+"""The receive path's header reader: the common case read straight from the bytes.
+
+Every received instance is read once, header only, before it is acknowledged. pydicom builds a
+``Dataset`` of element objects to do that, which costs more CPU than the rest of the receive
+path together for a typical 50-element CT header. Most instances are simple, though: a Part 10
+file whose data set is little endian (implicit VR, explicit VR, or an encapsulated syntax), whose
+text is ASCII, Latin-1 or UTF-8, and whose elements are all well formed. :func:`scan` reads those
+with ``struct`` alone, walking the top-level elements up to the pixel data (sequences are
+skipped, item by item, never decoded) and converting the values the index keeps exactly as
+:func:`triage_node.spool.index.header_attributes` would.
+
+Anything else — big endian, deflate, no preamble, an unknown transfer syntax or VR, a value
+``struct`` cannot take as pydicom would, a private element whose VR only pydicom's private
+dictionary knows, a truncated or oddly padded data set — returns ``None``, and the caller reads
+the instance with pydicom as before. So the fast path never decides anything on its own: it
+either gives the result pydicom's path gives, or steps aside. ``tests/unit/test_header_scan.py``
+checks that on every file of pydicom's test data, the bad-input corpus and thousands of
+truncations and corruptions of real files.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pydicom.datadict import (
+    dictionary_has_tag,
+    dictionary_keyword,
+    dictionary_VR,
+    private_dictionary_VR,
+)
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
+
+from triage_node.receive.validate import Received
+
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
+MAX_VALUE_CHARS = 1024
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                      "TM", "UC", "UI", "UR", "UT"})
+CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+"""VRs whose bytes follow Specific Character Set; the other text VRs are ASCII."""
+SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
+STRIPPED_BOTH_ENDS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+NUMERIC_VRS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
+               "UV": "Q", "SV": "q"}
+FAST_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1",
+                 "ISO_IR 192": "utf-8"}
+"""Character sets decoded directly from the raw bytes; any other goes through pydicom."""
+
+_CONTROL = re.compile(rb"[\x01-\x1f]")
+_INTEGER_STRINGS = re.compile(rb"(?:[+-]?[0-9]+)?(?:\\[+-]?[0-9]+)*\Z")
+_PADDING_AGNOSTIC_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+"""Text VRs whose values :func:`raw_text` converts as pydicom does whatever their padding."""
+_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR",
+                              "UT", "UV"})
+_KNOWN_VRS = frozenset(TEXT_VRS | BINARY_VRS | set(NUMERIC_VRS) | {"AT"})
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+"""Where pydicom's ``stop_before_pixels`` stops."""
+_FAST_SYNTAXES = frozenset(
+    str(s) for s in AllTransferSyntaxes
+    if s not in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian))
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_GEOMETRY = ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+             "BitsStored")
+_MAX_DEPTH = 16
+_PIXEL_VALUE_TAGS = frozenset({0x00280106, 0x00280107, 0x00280108, 0x00280109})
+"""Smallest/Largest Image/Series Pixel Value: "US or SS" by Pixel Representation (PS3.3)."""
+
+
+def raw_text(value: bytes, vr: str, encoding: str) -> str | list[str] | None:
+    """A text value straight from its bytes, as pydicom would give it (None: empty).
+
+    Raises ValueError for padding inside a value (a space or NUL next to a ``\\``, leading
+    spaces, embedded NULs) of a VR whose conversion pydicom does its own way there.
+    """
+    if vr not in _PADDING_AGNOSTIC_VRS:
+        core = value.rstrip(b"\x00" if vr == "UI" else b" ")
+        if (b"\x00" in core or core[:1] == b" " or b" \\" in core or b"\\ " in core
+                or _CONTROL.search(core)):
+            raise ValueError("padding or control characters inside the value")
+        if vr == "IS" and not _INTEGER_STRINGS.match(core):
+            raise ValueError("an IS value pydicom would normalise")
+    if vr == "PN" and b"=" in value:
+        raise ValueError("person name component groups: pydicom normalises them")
+    text = value.decode(encoding if vr in CHARSET_VRS else "ascii")
+    if vr in SINGLE_VALUED_VRS:
+        text = text.rstrip(" \x00")
+        return text[:MAX_VALUE_CHARS] if text else None
+    strip = " \x00"
+    parts = [p.strip(strip) if vr in STRIPPED_BOTH_ENDS else p.rstrip(strip)
+             for p in text.split("\\")]
+    if len(parts) == 1:
+        return parts[0][:MAX_VALUE_CHARS] if parts[0] else None
+    return [p[:MAX_VALUE_CHARS] for p in parts]
+
+
+def raw_numbers(value: bytes, vr: str, little_endian: bool = True) -> str | list[str] | None:
+    """Binary numbers as pydicom gives them, as text; raises ValueError on a bad length."""
+    fmt = NUMERIC_VRS[vr]
+    size = struct.calcsize("<" + fmt)
+    if not value or len(value) % size:
+        raise ValueError("length is not a multiple of the value size")
+    endian = "<" if little_endian else ">"
+    numbers = struct.unpack(f"{endian}{len(value) // size}{fmt}", value)
+    return str(numbers[0]) if len(numbers) == 1 else [str(n) for n in numbers]
+
+
+def raw_tags(value: bytes) -> str | list[str]:
+    """AT values as pydicom prints them, ``(gggg,eeee)``; raises ValueError on a bad length."""
+    if not value or len(value) % 4:
+        raise ValueError("length is not a multiple of 4")
+    pairs = struct.unpack(f"<{len(value) // 2}H", value)
+    tags = [f"({g:04X},{e:04X})" for g, e in zip(pairs[::2], pairs[1::2], strict=True)]
+    return tags[0] if len(tags) == 1 else tags
+
+
+def _private_vr(tag: int, creators: dict[int, str]) -> str | None:
+    """The VR pydicom gives a private element of an implicit VR data set (PS3.5 6.2.2; None:
+    ask pydicom): LO for a private creator, the private dictionary's VR under its creator,
+    else UN (not indexed)."""
+    element = tag & 0xFFFF
+    if 0x10 <= element <= 0xFF:
+        return "LO"
+    creator = creators.get((tag & 0xFFFF0000) | element >> 8) if element & 0xFF00 else None
+    if not creator:
+        return "UN"
+    try:
+        vr = private_dictionary_VR(tag, creator)
+    except KeyError:
+        return "UN"
+    return vr if vr in _KNOWN_VRS else None
+
+
+@lru_cache(maxsize=4096)
+def attribute_key(tag: int) -> str:
+    """The index's key of an attribute: its keyword, or ``(gggg,eeee)`` for private tags and
+    repeating groups (overlays, curves), as pydicom's ``DataElement.keyword`` names them."""
+    keyword = dictionary_keyword(tag) if dictionary_has_tag(tag) else ""
+    return keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@lru_cache(maxsize=4096)
+def _implicit_vr(tag: int) -> str | None:
+    """The VR pydicom gives a public element of an implicit VR data set (None: ask pydicom)."""
+    if tag >> 16 & 1:
+        return None
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return None
+    return vr if vr in _KNOWN_VRS else None  # "US or SS", "OB or OW", …: pydicom decides
+
+
+class _Skip(Exception):
+    """Not for the fast path: read this instance with pydicom."""
+
+
+@dataclass(frozen=True)
+class ScannedHeader:
+    transfer_syntax: str
+    implicit_vr: bool
+    attributes: dict[str, str | list[str]]
+    stop_offset: int
+    """Offset of the pixel data element, or the length of the bytes when there is none."""
+
+
+def _element_header(data: Received, pos: int, end: int, implicit: bool) -> tuple[int, str | None,
+                                                                                 int, int]:
+    """(tag, VR or None when implicit, value length, value offset) of the element at ``pos``."""
+    if pos + 8 > end:
+        raise _Skip
+    group, element, length = struct.unpack_from("<HHL", data, pos)
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:
+        return tag, None, length, pos + 8
+    vr = bytes(data[pos + 4:pos + 6]).decode("ascii", "replace")
+    if vr in _LONG_LENGTH_VRS:
+        if pos + 12 > end:
+            raise _Skip
+        return tag, vr, struct.unpack_from("<L", data, pos + 8)[0], pos + 12
+    if vr not in _KNOWN_VRS:
+        raise _Skip
+    return tag, vr, length >> 16, pos + 8
+
+
+def _skip_sequence(data: Received, pos: int, end: int, implicit: bool, depth: int) -> int:
+    """Offset just past an undefined-length sequence whose first item starts at ``pos``."""
+    if depth > _MAX_DEPTH:
+        raise _Skip
+    while True:
+        tag, _vr, length, at = _element_header(data, pos, end, implicit)
+        if tag == _SEQUENCE_END:
+            return at
+        if tag != _ITEM:
+            raise _Skip
+        if length != _UNDEFINED:
+            pos = at + length
+            continue
+        pos = at
+        while True:  # an undefined-length item: its elements, to the item delimiter
+            tag, vr, length, at = _element_header(data, pos, end, implicit)
+            if tag == _ITEM_END:
+                pos = at
+                break
+            if length == _UNDEFINED:
+                if not (vr is None or vr in ("SQ", "UN")):
+                    raise _Skip
+                pos = _skip_sequence(data, at, end, implicit, depth + 1)
+            else:
+                pos = at + length
+            if pos > end:
+                raise _Skip
+
+
+def _meta(data: Received, end: int) -> tuple[str, int]:
+    """(Transfer Syntax UID, offset of the data set) from a Part 10 file meta."""
+    if end < 132 or data[128:132] != b"DICM":
+        raise _Skip
+    pos, syntax = 132, None
+    while pos + 8 <= end and data[pos:pos + 2] == b"\x02\x00":
+        tag, vr, length, at = _element_header(data, pos, end, False)
+        if vr is None or length == _UNDEFINED or at + length > end:
+            raise _Skip
+        if tag == 0x00020010:
+            syntax = bytes(data[at:at + length]).decode("ascii").strip(" \x00")
+        pos = at + length
+    if syntax not in _FAST_SYNTAXES:
+        raise _Skip
+    return syntax, pos
+
+
+def _scan(data: Received) -> ScannedHeader:
+    end = len(data)
+    syntax, pos = _meta(data, end)
+    implicit = syntax == ImplicitVRLittleEndian
+    raws: list[tuple[int, str, int, int]] = []
+    creators: dict[int, str] = {}
+    pixel_representation: int | None = None
+    last_tag = -1
+    encoding = "ascii"
+    while pos < end:
+        tag, vr, length, at = _element_header(data, pos, end, implicit)
+        if tag in _PIXEL_TAGS:
+            break
+        if tag >> 16 in (0x0002, 0xFFFE) or tag <= last_tag:
+            raise _Skip  # out of order or repeated: pydicom decides which one counts
+        last_tag = tag
+        if vr is None:
+            vr = _implicit_vr(tag) if not tag >> 16 & 1 else _private_vr(tag, creators)
+            if vr is None and tag in _PIXEL_VALUE_TAGS and pixel_representation in (0, 1):
+                vr = "SS" if pixel_representation else "US"
+            if vr is None:
+                raise _Skip
+        if length == _UNDEFINED:
+            if vr not in ("SQ", "UN") or (vr == "UN" and not implicit):
+                raise _Skip
+            pos = _skip_sequence(data, at, end, implicit, 0)
+            continue
+        pos = at + length
+        if pos > end:
+            raise _Skip
+        if vr == "UN" and not implicit:
+            raise _Skip  # pydicom converts it by the dictionary: let it
+        if vr in BINARY_VRS or tag >> 16 == 0x7FE0:
+            continue
+        if tag == 0x00080005:
+            name = bytes(data[at:pos]).decode("ascii", "replace").strip(" \x00")
+            if name not in FAST_CHARSETS:
+                raise _Skip
+            encoding = FAST_CHARSETS[name]
+        elif tag == 0x00280103 and length == 2:
+            pixel_representation = struct.unpack_from("<H", data, at)[0]
+        elif implicit and tag >> 16 & 1 and 0x10 <= tag & 0xFFFF <= 0xFF:
+            creators[tag] = bytes(data[at:pos]).decode(encoding, "replace").strip(" \x00")
+        raws.append((tag, vr, at, length))
+    if not raws:
+        raise _Skip  # empty data sets and the like: pydicom says what is wrong
+    attributes: dict[str, str | list[str]] = {}
+    try:
+        for tag, vr, at, length in raws:
+            value = bytes(data[at:at + length])
+            if not length:
+                continue
+            converted = (raw_text(value, vr, encoding) if vr in TEXT_VRS
+                         else raw_tags(value) if vr == "AT" else raw_numbers(value, vr))
+            if converted is not None:
+                attributes[attribute_key(tag)] = converted
+    except (UnicodeDecodeError, ValueError, struct.error):
+        raise _Skip from None
+    for keyword in _GEOMETRY:  # the checks convert these; pydicom's IS/US rules differ at edges
+        number = attributes.get(keyword)
+        if number is not None and not (isinstance(number, str) and number.isdigit()):
+            raise _Skip
+    return ScannedHeader(syntax, implicit, attributes, pos if pos < end else end)
+
+
+def scan(data: Received) -> ScannedHeader | None:
+    """The header of a simple instance read from its bytes, or None: read it with pydicom."""
+    try:
+        return _scan(data)
+    except (_Skip, struct.error, UnicodeDecodeError, ValueError, IndexError):
+        return None  # anything unexpected in the bytes: pydicom reads them and says what
