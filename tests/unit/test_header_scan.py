@@ -28,7 +28,7 @@ CORPUS = Path(__file__).resolve().parents[2] / "fixtures" / "bad-input"
 LIMITS = LimitsConfig(max_pixels_per_instance=4096 * 4096)
 
 
-def testdata(name: str) -> bytes:
+def pydicom_file(name: str) -> bytes:
     path = get_testdata_file(name, download=False)
     assert isinstance(path, str), name
     return Path(path).read_bytes()
@@ -63,7 +63,7 @@ def test_every_pydicom_test_file_reads_the_same() -> None:
     assert taken > 60, taken
     for common in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
                    "MR_small_implicit.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"):
-        assert scan(testdata(common)) is not None, common
+        assert scan(pydicom_file(common)) is not None, common
 
 
 def test_every_bad_input_file_reads_the_same() -> None:
@@ -87,7 +87,7 @@ def test_a_written_ct_series_takes_the_fast_path(tmp_path: Path) -> None:
                                   "SC_rgb_rle.dcm", "rtplan.dcm"])
 def test_every_truncation_reads_the_same(name: str) -> None:
     """Cut at every offset of the header and at a sample of offsets in the pixel data."""
-    data = testdata(name)
+    data = pydicom_file(name)
     scanned = scan(data)
     header_end = scanned.stop_offset if scanned is not None else len(data)
     cuts = list(range(0, min(header_end + 16, len(data))))
@@ -100,7 +100,7 @@ def test_every_truncation_reads_the_same(name: str) -> None:
                                   "rtplan.dcm"])
 def test_corrupted_bytes_read_the_same(name: str) -> None:
     """Random bytes overwritten in the header: lengths, VRs, tags, values, delimiters."""
-    data = testdata(name)
+    data = pydicom_file(name)
     scanned = scan(data)
     header_end = scanned.stop_offset + 12 if scanned is not None else len(data)
     rng = random.Random(name)
