@@ -36,7 +36,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,6 +120,33 @@ def _compare(title: str, node: Detector, eager: Detector, volume: Volume, runs: 
           f"; ONNX Runtime / eager = {node_median / eager_median:.2f}")
 
 
+def _bench(loaded: str, write: Callable[[Path], list[Path]], detector: type[Detector],
+           manifest: Path, eager_engine: Callable[[Any], Any], title: str, runs: int,
+           threads: int, target_s: float, per: str) -> None:
+    """Generate a phantom and ``write`` it as DICOM into a temporary folder, load it back
+    with the node's loader (``loaded`` names it in the timing line), then time
+    ``detector(manifest)`` on ONNX Runtime against the same detector with ``eager_engine``
+    (:func:`_compare`)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = load_series(write(Path(tmp)))
+    print(f"{loaded} generated, written and loaded in {time.perf_counter() - started:.1f} s",
+          flush=True)
+    node = detector(manifest, threads=threads)
+    eager = detector(manifest, threads=threads)
+    eager.engine = eager_engine(eager)
+    _compare(title, node, eager, volume, runs, threads, target_s, per)
+
+
+def _write_cxr(folder: Path) -> list[Path]:
+    image, _, info = generate_chest_xr(2048, shape=SIZE, pneumothorax_size=0.6)
+    return [write_chest_radiograph(
+        image, info["pixel_spacing_mm"], folder / "cxr.dcm", modality="DX",
+        bits_stored=14, photometric="MONOCHROME1", patient_name="PHANTOM^BENCH",
+        patient_id="BENCH", accession_number="BENCH1",
+    )]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=6)
@@ -128,41 +157,18 @@ def main(argv: list[str] | None = None) -> int:
                         default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.detector == "ct-head-hemorrhage":
-        _head_ct(args.runs, args.threads)
+    # cxr-pneumothorax first, then these in this order for "all".
+    others = {"ct-head-hemorrhage": _head_ct, "ct-chest-nodule": _chest_nodule,
+              "mg-mass": _mammo, "mr-brain-tumor": _brain_mr}
+    if args.detector in others:
+        others[args.detector](args.runs, args.threads)
         return 0
-    if args.detector == "ct-chest-nodule":
-        _chest_nodule(args.runs, args.threads)
-        return 0
-    if args.detector == "mg-mass":
-        _mammo(args.runs, args.threads)
-        return 0
-    if args.detector == "mr-brain-tumor":
-        _brain_mr(args.runs, args.threads)
-        return 0
-
-    started = time.perf_counter()
-    image, _, info = generate_chest_xr(2048, shape=SIZE, pneumothorax_size=0.6)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_chest_radiograph(
-            image, info["pixel_spacing_mm"], Path(tmp) / "cxr.dcm", modality="DX",
-            bits_stored=14, photometric="MONOCHROME1", patient_name="PHANTOM^BENCH",
-            patient_id="BENCH", accession_number="BENCH1",
-        )
-        volume = load_series([path])
-    print(f"2048×2048 DX (14-bit MONOCHROME1) generated, written and loaded in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
-
-    node = ClassificationDetector(MANIFEST, threads=args.threads)
-    eager = ClassificationDetector(MANIFEST, threads=args.threads)
-    eager.engine = _TorchEngine(eager)
-    _compare("cxr-pneumothorax, one 2048×2048 radiograph", node, eager, volume, args.runs,
-             args.threads, 0.5, "radiograph")
+    _bench("2048×2048 DX (14-bit MONOCHROME1)", _write_cxr, ClassificationDetector, MANIFEST,
+           _TorchEngine, "cxr-pneumothorax, one 2048×2048 radiograph", args.runs,
+           args.threads, 0.5, "radiograph")
     if args.detector == "all":
-        _head_ct(args.runs, args.threads)
-        _chest_nodule(args.runs, args.threads)
-        _mammo(args.runs, args.threads)
-        _brain_mr(args.runs, args.threads)
+        for setup in others.values():
+            setup(args.runs, args.threads)
     return 0
 
 
@@ -173,22 +179,17 @@ MG_SIZE = (2560, 2048)
 def _mammo(runs: int, threads: int) -> None:
     """mg-mass on one 2560 × 2048 mammogram (about 0.09 mm pixels; 14-bit MONOCHROME1 MG
     file, loaded back). A study of four views takes four times this."""
-    started = time.perf_counter()
-    image, _, info = generate_mammogram(2048, shape=MG_SIZE, mass_diameter_mm=15.0,
-                                        view="MLO", laterality="L")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_mammogram(
-            image, info["pixel_spacing_mm"], Path(tmp) / "mg.dcm", laterality="L", view="MLO",
+    def write(folder: Path) -> list[Path]:
+        image, _, info = generate_mammogram(2048, shape=MG_SIZE, mass_diameter_mm=15.0,
+                                            view="MLO", laterality="L")
+        return [write_mammogram(
+            image, info["pixel_spacing_mm"], folder / "mg.dcm", laterality="L", view="MLO",
             bits_stored=14, photometric="MONOCHROME1", patient_name="PHANTOM^BENCH",
             patient_id="BENCH", accession_number="BENCH3",
-        )
-        volume = load_series([path])
-    print(f"\n2560×2048 MG (14-bit MONOCHROME1) generated, written and loaded in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
-    node = ClassificationDetector(MG_MANIFEST, threads=threads)
-    eager = ClassificationDetector(MG_MANIFEST, threads=threads)
-    eager.engine = _TorchEngine(eager)
-    _compare("mg-mass, one 2560×2048 mammogram", node, eager, volume, runs, threads, 0.5, "image")
+        )]
+
+    _bench("\n2560×2048 MG (14-bit MONOCHROME1)", write, ClassificationDetector, MG_MANIFEST,
+           _TorchEngine, "mg-mass, one 2560×2048 mammogram", runs, threads, 0.5, "image")
 
 
 NODULE_MANIFEST = MANIFEST.parents[1] / "ct-chest-nodule" / "manifest.json"
@@ -221,26 +222,26 @@ class _TorchUNetEngine:
         return out
 
 
+def _origin(info: dict[str, Any]) -> tuple[float, float, float]:
+    """A phantom's origin (patient mm) as the series writers take it."""
+    x, y, z = (float(v) for v in info["origin"])
+    return x, y, z
+
+
 def _chest_nodule(runs: int, threads: int) -> None:
     """ct-chest-nodule on a 512 × 512 × 120 chest CT written as DICOM and loaded back."""
-    started = time.perf_counter()
-    plan = NodulePlan(diameters_mm=(9.0, 33.0), decoy_trees=5)
-    hu, info = generate_chest_ct(2048, shape=(120, 512, 512), spacing=(2.5, 0.78, 0.78),
-                                 nodules=plan)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_ct_series(
-            hu, (2.5, 0.78, 0.78), Path(tmp), patient_name="PHANTOM^BENCH",
+    def write(folder: Path) -> list[Path]:
+        plan = NodulePlan(diameters_mm=(9.0, 33.0), decoy_trees=5)
+        hu, info = generate_chest_ct(2048, shape=(120, 512, 512), spacing=(2.5, 0.78, 0.78),
+                                     nodules=plan)
+        return write_ct_series(
+            hu, (2.5, 0.78, 0.78), folder, patient_name="PHANTOM^BENCH",
             patient_id="BENCH", accession_number="BENCH2", study_description="CT CHEST",
             series_description="Axial 2.5mm lung", body_part_examined="CHEST",
-            origin=(float(info["origin"][0]), float(info["origin"][1]),
-                    float(info["origin"][2])))
-        volume = load_series(paths)
-    print(f"\n512×512×120 chest CT generated, written and loaded in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
-    node = NoduleDetector(NODULE_MANIFEST, threads=threads)
-    eager = NoduleDetector(NODULE_MANIFEST, threads=threads)
-    eager.engine = _TorchUNetEngine(eager)
-    _compare("ct-chest-nodule, one 512×512×120 CT", node, eager, volume, runs, threads, 2.0, "CT")
+            origin=_origin(info))
+
+    _bench("\n512×512×120 chest CT", write, NoduleDetector, NODULE_MANIFEST, _TorchUNetEngine,
+           "ct-chest-nodule, one 512×512×120 CT", runs, threads, 2.0, "CT")
 
 
 
@@ -249,24 +250,17 @@ HEAD_MANIFEST = MANIFEST.parents[1] / "ct-head-hemorrhage" / "manifest.json"
 
 def _head_ct(runs: int, threads: int) -> None:
     """ct-head-hemorrhage on a 512 × 512 × 120 head CT written as DICOM and loaded back."""
-    started = time.perf_counter()
-    hu, _, info = generate_head_ct(2048, shape=(120, 512, 512), spacing=(1.25, 0.45, 0.45),
-                                   bleed_ml=20.0, bleed_kind="intraparenchymal")
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_ct_series(
-            hu, (1.25, 0.45, 0.45), Path(tmp), patient_name="PHANTOM^BENCH",
+    def write(folder: Path) -> list[Path]:
+        hu, _, info = generate_head_ct(2048, shape=(120, 512, 512), spacing=(1.25, 0.45, 0.45),
+                                       bleed_ml=20.0, bleed_kind="intraparenchymal")
+        return write_ct_series(
+            hu, (1.25, 0.45, 0.45), folder, patient_name="PHANTOM^BENCH",
             patient_id="BENCH", accession_number="BENCH5", study_description="CT HEAD",
             series_description="Axial 1.25mm brain", body_part_examined="HEAD",
-            origin=(float(info["origin"][0]), float(info["origin"][1]),
-                    float(info["origin"][2])))
-        volume = load_series(paths)
-    print(f"\n512×512×120 head CT generated, written and loaded in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
-    node = SegmentationDetector(HEAD_MANIFEST, threads=threads)
-    eager = SegmentationDetector(HEAD_MANIFEST, threads=threads)
-    eager.engine = _TorchUNetEngine(eager)
-    _compare("ct-head-hemorrhage, one 512×512×120 CT", node, eager, volume, runs, threads, 2.0,
-             "CT")
+            origin=_origin(info))
+
+    _bench("\n512×512×120 head CT", write, SegmentationDetector, HEAD_MANIFEST,
+           _TorchUNetEngine, "ct-head-hemorrhage, one 512×512×120 CT", runs, threads, 2.0, "CT")
 
 
 MR_MANIFEST = MANIFEST.parents[1] / "mr-brain-tumor" / "manifest.json"
@@ -274,22 +268,17 @@ MR_MANIFEST = MANIFEST.parents[1] / "mr-brain-tumor" / "manifest.json"
 
 def _brain_mr(runs: int, threads: int) -> None:
     """mr-brain-tumor on a 176 × 256 × 256 brain MR written as DICOM and loaded back."""
-    started = time.perf_counter()
-    image, _, _, info = generate_brain_mr(2048, shape=(176, 256, 256), spacing=(1.0, 0.94, 0.94),
-                                          tumour_ml=40.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_mr_series(
-            image, info["spacing"], Path(tmp), patient_name="PHANTOM^BENCH",
+    def write(folder: Path) -> list[Path]:
+        image, _, _, info = generate_brain_mr(2048, shape=(176, 256, 256),
+                                              spacing=(1.0, 0.94, 0.94), tumour_ml=40.0)
+        return write_mr_series(
+            image, info["spacing"], folder, patient_name="PHANTOM^BENCH",
             patient_id="BENCH", accession_number="BENCH4", study_description="MR BRAIN",
             series_description="Ax FLAIR 1mm", body_part_examined="BRAIN",
-            origin=tuple(float(v) for v in info["origin"]))
-        volume = load_series(paths)
-    print(f"\n176×256×256 brain MR generated, written and loaded in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
-    node = BrainTumorDetector(MR_MANIFEST, threads=threads)
-    eager = BrainTumorDetector(MR_MANIFEST, threads=threads)
-    eager.engine = _TorchUNetEngine(eager)
-    _compare("mr-brain-tumor, one 176×256×256 MR", node, eager, volume, runs, threads, 2.0, "MR")
+            origin=_origin(info))
+
+    _bench("\n176×256×256 brain MR", write, BrainTumorDetector, MR_MANIFEST, _TorchUNetEngine,
+           "mr-brain-tumor, one 176×256×256 MR", runs, threads, 2.0, "MR")
 
 
 if __name__ == "__main__":

@@ -4,16 +4,16 @@ The network is the segmentation U-Net of the other 3-D recipes with two output c
 tumour and midline band (septum pellucidum ± 2.5 mm, see ``trainers/phantoms/brain_mr.py``).
 This module holds only what differs from ``trainers.train`` / ``trainers.export`` /
 ``trainers.evaluate``: two-channel targets and crops centred on either structure, MR grids,
-and the midline shift and urgent-flag metrics. Checkpointing, resume, progress, ONNX export
-with its parity check, the manifest writer and the rate/CI helpers are the shared ones.
+and the midline shift and urgent-flag metrics. The training loop with its checkpoints
+(:mod:`trainers.loop`), the caches (:mod:`trainers.serial_cache`), ONNX export with its parity
+check, the manifest and evaluation record (:mod:`trainers.engine_export`), the command line
+(:mod:`trainers.recipe_command`) and the rate/CI helpers are the shared ones.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,54 +23,31 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from rich.console import Console
-from rich.progress import Progress
 
 from trainers.card import num, pct
 from trainers.data import SPLIT_CODES
+from trainers.engine_export import (
+    load_checkpoint_model,
+    segmentation_manifest,
+    training_provenance,
+    write_evaluation,
+)
 from trainers.evaluate import EVALUATION_FILE, _dice, _phantom_volume, _rate
-from trainers.export import (
-    ENGINE_FILE,
-    OPSET,
-    PARITY_INPUT,
-    PARITY_OUTPUT,
-    PARITY_TOLERANCE,
-    WEIGHTS_FILE,
-    _versions,
-    export_parity_checked,
-    write_manifest,
-)
+from trainers.export import WEIGHTS_FILE, export_parity_checked
+from trainers.loop import crop_batch, positive_coords, progress_bar, start_run, train_3d
 from trainers.phantoms.brain_mr import PHANTOM_VERSION, generate_brain_mr
+from trainers.recipe_command import run_recipe_command, write_card_text
 from trainers.recipes import TumourRecipe
-from trainers.train import (
-    CHECKPOINT,
-    TrainState,
-    _atomic_save,
-    _crop_start,
-    _progress,
-    init_output_bias,
-    resume,
-)
+from trainers.serial_cache import SerialCaseCache, load_caches, split_caches
+from trainers.train import crop_start
 from triage_node.detectors.brain_tumor import BrainTumorDetector
 from triage_node.detectors.findings import Urgency
-from triage_node.detectors.manifest import (
-    EngineFileSpec,
-    InputSpec,
-    Manifest,
-    OutputSpec,
-    ParitySpec,
-    load_manifest,
-    sha256_of,
-)
+from triage_node.detectors.manifest import load_manifest
 from triage_node.detectors.transforms import (
     apply_preprocessing,
     build_label_preprocessing,
     build_preprocessing,
 )
-from triage_node.results.identity import engine_device_uid
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-_MAX_COORDS = 4096
-
 
 # --- cases ------------------------------------------------------------------------------------
 
@@ -155,89 +132,15 @@ def preprocess_case(
     return x, targets, meta
 
 
-@dataclass
-class TumourCache:
-    """Preprocessed cases of one split as float16 arrays on disk (resumable, like
-    :class:`trainers.data.CaseCache`, with two target channels)."""
-
-    directory: Path
-    count: int
-    shape: tuple[int, int, int]
-
-    @property
-    def _meta_path(self) -> Path:
-        return self.directory / "meta.jsonl"
-
-    def build_seconds(self) -> float:
-        path = self.directory / "build_seconds.txt"
-        return float(path.read_text().strip() or 0.0) if path.exists() else 0.0
-
-    def done(self) -> int:
-        if not self._meta_path.exists():
-            return 0
-        return sum(1 for line in self._meta_path.read_text().splitlines() if line.strip())
-
-    def build(self, recipe: TumourRecipe, cases: list[TumourCase], progress: Progress) -> None:
-        start = self.done()
-        if start >= self.count:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        mode = "r+" if start > 0 else "w+"
-        images = np.lib.format.open_memmap(
-            self.directory / "images.npy", mode=mode, dtype=np.float16,
-            shape=(self.count, *self.shape),
-        )
-        targets = np.lib.format.open_memmap(
-            self.directory / "targets.npy", mode=mode, dtype=np.float16,
-            shape=(self.count, 2, *self.shape),
-        )
-        task = progress.add_task(
-            f"phantoms ({self.directory.name.split('-')[0]})", total=self.count,
-            completed=start, status="",
-        )
-        spent = self.build_seconds()
-        with self._meta_path.open("a") as meta_file:
-            for i in range(start, self.count):
-                began = time.perf_counter()
-                image, target, meta = preprocess_case(recipe, cases[i])
-                images[i] = image.astype(np.float16)
-                targets[i] = target.astype(np.float16)
-                images.flush()
-                targets.flush()
-                meta_file.write(json.dumps(meta) + "\n")
-                meta_file.flush()
-                spent += time.perf_counter() - began
-                (self.directory / "build_seconds.txt").write_text(f"{spent:.1f}\n")
-                progress.advance(task)
-        del images, targets
-
-    def load(self) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        images = np.load(self.directory / "images.npy")
-        targets = np.load(self.directory / "targets.npy")
-        meta = [json.loads(line) for line in self._meta_path.read_text().splitlines() if line]
-        return images, targets, meta
-
-
-def _caches(recipe: TumourRecipe, run_dir: Path) -> tuple[TumourCache, TumourCache]:
-    fp = recipe.data_fingerprint()
+def _caches(recipe: TumourRecipe, run_dir: Path) -> tuple[SerialCaseCache, SerialCaseCache]:
     spec = recipe.training
-    return (
-        TumourCache(run_dir / "cache" / f"train-{fp}", spec.train_cases, recipe.input_shape),
-        TumourCache(run_dir / "cache" / f"val-{fp}", spec.val_cases, recipe.input_shape),
+    return split_caches(
+        run_dir, recipe.data_fingerprint(), (spec.train_cases, spec.val_cases), recipe.input_shape,
+        target_channels=2,
     )
 
 
 # --- training ---------------------------------------------------------------------------------
-
-
-def _coords(targets: np.ndarray, channel: int, rng: np.random.Generator) -> list[np.ndarray]:
-    out = []
-    for target in targets:
-        found = np.argwhere(target[channel] >= 0.5)
-        if len(found) > _MAX_COORDS:
-            found = found[rng.choice(len(found), _MAX_COORDS, replace=False)]
-        out.append(found)
-    return out
 
 
 def _batch(
@@ -249,9 +152,8 @@ def _batch(
     indices: np.ndarray,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = recipe.training
-    cz, cy, cx = spec.crop
-    xs, ys = [], []
-    for i in indices:
+
+    def start(i: int) -> tuple[int, int, int]:
         draw = rng.random()
         if draw < spec.positive_crop_fraction and len(coords[0][i]):
             centres = coords[0][i]
@@ -259,14 +161,9 @@ def _batch(
             centres = coords[1][i]
         else:
             centres = np.empty((0, 3), dtype=np.int64)
-        z, y, x = _crop_start(rng, images.shape[1:], spec.crop, centres, len(centres) > 0, 0.3)
-        img = images[i, z : z + cz, y : y + cy, x : x + cx]
-        tgt = targets[i, :, z : z + cz, y : y + cy, x : x + cx]
-        if rng.random() < spec.flip_probability:  # left-right mirror: tumours on both sides
-            img, tgt = img[..., ::-1], tgt[..., ::-1]
-        xs.append(img.astype(np.float32))
-        ys.append(tgt.astype(np.float32))
-    return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys))
+        return crop_start(rng, images.shape[1:], spec.crop, centres, len(centres) > 0, 0.3)
+
+    return crop_batch(rng, images, targets, indices, spec.crop, spec.flip_probability, start)
 
 
 @torch.inference_mode()
@@ -307,106 +204,39 @@ def train_tumour(
 ) -> Path:
     """Train the two-channel network; resumable from ``run_dir/checkpoint.pt``."""
     console = console or Console()
-    torch.set_num_threads(threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run_dir / CHECKPOINT
-    if fresh and checkpoint_path.exists():
-        checkpoint_path.unlink()
-    train_cache, val_cache = _caches(recipe, run_dir)
-    with _progress(console) as progress:
-        for split, cache in (("train", train_cache), ("val", val_cache)):
-            cases = [training_case(recipe, split, seed, i) for i in range(cache.count)]
-            cache.build(recipe, cases, progress)
-    data_seconds = train_cache.build_seconds() + val_cache.build_seconds()
-    images, targets, meta = train_cache.load()
-    val_images, val_targets, _ = val_cache.load()
+    checkpoint_path = start_run(run_dir, threads, fresh)
+    (images, targets, meta), (val_images, val_targets, _), data_seconds = load_caches(
+        _caches(recipe, run_dir),
+        lambda split, i: training_case(recipe, split, seed, i),
+        lambda case: preprocess_case(recipe, case),
+        console,
+    )
     crng = np.random.default_rng([seed, 99])
-    coords = (_coords(targets, 0, crng), _coords(targets, 1, crng))
+    coords = (positive_coords(targets, crng, channel=0), positive_coords(targets, crng, channel=1))
     with_tumour = sum(1 for m in meta if m["tumour_ml"] is not None)
     console.log(
         f"{len(images)} training phantoms ({with_tumour} with tumours), {len(val_images)} "
         f"validation; data {data_seconds:.0f} s"
     )
-
-    torch.manual_seed(seed)
-    model = recipe.network.build()
-    init_output_bias(model, recipe.training.output_prior)
-    model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    spec = recipe.training
-    steps_per_epoch = max(1, len(images) // spec.batch_size)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+    return train_3d(
+        recipe,
+        seed=seed,
+        epochs=epochs,
+        checkpoint_path=checkpoint_path,
+        console=console,
+        train_cases=len(images),
+        sample=lambda rng, batch: _batch(rng, recipe, images, targets, coords, batch),
+        loss_fn=DiceCELoss(sigmoid=True, batch=not recipe.training.dice_per_case),
+        validate=lambda model: validate(
+            model, val_images, val_targets, recipe.probability_threshold
+        ),
+        data={
+            "train_cases": len(images),
+            "train_tumour_cases": with_tumour,
+            "val_cases": len(val_images),
+        },
+        data_seconds=data_seconds,
     )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.learning_rate, total_steps=epochs * steps_per_epoch, pct_start=0.08
-    )
-    loss_fn = DiceCELoss(sigmoid=True, batch=not spec.dice_per_case)
-    state = TrainState(data_seconds=data_seconds)
-    if checkpoint_path.exists():
-        expected = {"fingerprint": recipe.fingerprint(), "seed": seed, "epochs": epochs}
-        state = TrainState(**resume(checkpoint_path, expected, model, optimizer, scheduler))
-        state.data_seconds = data_seconds
-        console.log(f"resuming after epoch {state.epoch} from {checkpoint_path}")
-
-    model.train()
-    with _progress(console) as progress:
-        task = progress.add_task(
-            "training", total=epochs * steps_per_epoch, completed=state.step, status=""
-        )
-        for epoch in range(state.epoch, epochs):
-            started = time.perf_counter()
-            rng = np.random.default_rng([seed, epoch, 7])
-            order = rng.permutation(len(images))
-            losses: list[float] = []
-            for b in range(steps_per_epoch):
-                batch = order[b * spec.batch_size : (b + 1) * spec.batch_size]
-                x, y = _batch(rng, recipe, images, targets, coords, batch)
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                state.step += 1
-                progress.update(
-                    task, advance=1,
-                    status=f"epoch {epoch + 1}/{epochs} loss {np.mean(losses[-20:]):.3f}",
-                )
-            last = epoch + 1 == epochs
-            metrics = (
-                validate(model, val_images, val_targets, recipe.probability_threshold)
-                if last or (epoch + 1) % spec.val_every_epochs == 0
-                else {}
-            )
-            state.epoch = epoch + 1
-            state.train_seconds += time.perf_counter() - started
-            record = {"epoch": float(epoch + 1), "loss": float(np.mean(losses)), **metrics}
-            state.history.append(record)
-            console.log(
-                f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
-                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                + f" {state.train_seconds / 60:.1f} min"
-            )
-            _atomic_save(
-                {
-                    "fingerprint": recipe.fingerprint(),
-                    "seed": seed,
-                    "epochs": epochs,
-                    "recipe": recipe.name,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "state": asdict(state),
-                    "data": {
-                        "train_cases": len(images),
-                        "train_tumour_cases": with_tumour,
-                        "val_cases": len(val_images),
-                    },
-                },
-                checkpoint_path,
-            )
-    return checkpoint_path
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -436,46 +266,24 @@ class BoundedLogits(torch.nn.Module):
         return out
 
 
-def load_tumour_model(
-    recipe: TumourRecipe, checkpoint_path: Path
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network from a training checkpoint, in eval mode, and the checkpoint itself."""
-    if not checkpoint_path.is_file():
-        raise SystemExit(f"no checkpoint at {checkpoint_path}: run `python -m trainers train`")
-    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if saved.get("recipe") != recipe.name:
-        raise SystemExit(f"{checkpoint_path} is a {saved.get('recipe')!r} checkpoint")
-    model = recipe.network.build()
-    model.load_state_dict(saved["model"])
-    model.eval()
-    return model, saved
-
-
 def export_tumour(recipe: TumourRecipe, checkpoint_path: Path, out_dir: Path, *, seed: int) -> Path:
     """Export the checkpoint to ONNX in ``out_dir`` (parity-checked) and write the manifest."""
-    model, saved = load_tumour_model(recipe, checkpoint_path)
+    model, saved = load_checkpoint_model(recipe, checkpoint_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     image, targets, _ = preprocess_case(recipe, _parity_case(seed))
-    full_diff, crop_diff = export_parity_checked(BoundedLogits(model), image, targets[0], out_dir)
+    parity = export_parity_checked(BoundedLogits(model), image, targets[0], out_dir)
     # model.pt holds the bare UNet weights (the clamp has none): tests and the benchmark
     # rebuild the UNet from the manifest's ``network`` and clamp as ``logit_clamp`` says.
     torch.save(model.state_dict(), out_dir / WEIGHTS_FILE)
-    state, data, spec = saved["state"], saved["data"], recipe.training
+    data, spec = saved["data"], recipe.training
     caches = _caches(recipe, checkpoint_path.parent)
-    data_seconds = sum(c.build_seconds() for c in caches) or state["data_seconds"]
-    history = state["history"]
-    training: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        "seed": saved["seed"],
-        "epochs": state["epoch"],
-        "steps": state["step"],
-        "batch_size": spec.batch_size,
-        "crop": list(spec.crop),
-        "threads": torch.get_num_threads(),
-        "train_cases": data["train_cases"],
-        "train_tumour_cases": data["train_tumour_cases"],
-        "val_cases": data["val_cases"],
-        "data": (
+    training = training_provenance(
+        recipe,
+        saved,
+        out_dir,
+        threads=torch.get_num_threads(),
+        cases={k: data[k] for k in ("train_cases", "train_tumour_cases", "val_cases")},
+        data=(
             f"procedural FLAIR-like brain MR phantoms (trainers/phantoms/brain_mr.py, version "
             f"{PHANTOM_VERSION}) on random MR grids ({spec.thick_fraction:.0%} 2-D axial 4–6 mm "
             "slices at 256²/512², the rest 3-D volumes with 1–1.5 mm slices at 192²–256²) "
@@ -485,52 +293,18 @@ def export_tumour(recipe: TumourRecipe, checkpoint_path: Path, out_dir: Path, *,
             "effect; decoys: periventricular caps, sinus flow artefact, vessel-like tubes, "
             "small bright lesions; targets: tumour and midline band (septum ± 2.5 mm)"
         ),
-        "loss": f"DiceCELoss(sigmoid=True, batch={not spec.dice_per_case}) over both channels, "
+        loss=f"DiceCELoss(sigmoid=True, batch={not spec.dice_per_case}) over both channels, "
         "soft targets",
-        "optimizer": f"AdamW lr {spec.learning_rate} + OneCycleLR",
-        "network": {"class": "monai.networks.nets.UNet", **asdict(recipe.network), "norm": "batch"},
-        "train_minutes": round(state["train_seconds"] / 60.0, 2),
-        "data_minutes": round(data_seconds / 60.0, 2),
-        "final_val_dice": history[-1].get("val_dice") if history else None,
-        "final_val_band_dice": history[-1].get("val_band_dice") if history else None,
-        "history": history,
-        "urgent_volume_ml": recipe.urgent_volume_ml,
-        "urgent_shift_mm": recipe.urgent_shift_mm,
-        "weights": WEIGHTS_FILE,
-        "export": {
-            "exporter": "torch.onnx.export(dynamo=True), dynamic spatial axes",
-            "logit_clamp": LOGIT_LIMIT,
-            "parity_max_abs_diff_full": full_diff,
-            "parity_max_abs_diff_reference": crop_diff,
+        data_seconds=sum(c.build_seconds() for c in caches) or saved["state"]["data_seconds"],
+        parity=parity,
+        final={"final_val_band_dice": "val_band_dice"},
+        after_history={
+            "urgent_volume_ml": recipe.urgent_volume_ml,
+            "urgent_shift_mm": recipe.urgent_shift_mm,
         },
-        "versions": _versions(),
-    }
-    training["device_uid"] = str(engine_device_uid(recipe.name,
-                                                   sha256_of(out_dir / ENGINE_FILE)))
-    manifest = Manifest(
-        name=recipe.name,
-        version=recipe.version,
-        task="segmentation",
-        description=recipe.description,
-        modalities=list(recipe.modalities),
-        input=InputSpec(name="image", shape=recipe.input_shape),
-        preprocessing=list(recipe.preprocessing),
-        output=OutputSpec(name="logits", activation="sigmoid"),
-        labels=list(recipe.labels),
-        probability_threshold=recipe.probability_threshold,
-        min_component_ml=recipe.min_component_ml,
-        postprocess="brain_tumor",
-        engine=EngineFileSpec(
-            path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
-        ),
-        parity=ParitySpec(
-            input_path=PARITY_INPUT, output_path=PARITY_OUTPUT, tolerance=PARITY_TOLERANCE
-        ),
-        training=training,
+        export={"logit_clamp": LOGIT_LIMIT},
     )
-    manifest_path = out_dir / "manifest.json"
-    write_manifest(manifest, manifest_path)
-    return manifest_path
+    return segmentation_manifest(recipe, out_dir, training, "brain_tumor")
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -538,51 +312,27 @@ def export_tumour(recipe: TumourRecipe, checkpoint_path: Path, out_dir: Path, *,
 
 def run_command(args: Any, recipe: TumourRecipe, console: Console) -> int:
     """``python -m trainers {train,export,evaluate,card} mr-brain-tumor`` (see cli.py)."""
-    seed = int(getattr(args, "seed", 0))
-    run_dir = getattr(args, "run_dir", None) or (
-        REPO_ROOT / "trainers" / "runs" / f"{recipe.name}-seed{seed}"
+    return run_recipe_command(
+        args,
+        recipe,
+        console,
+        train=train_tumour,
+        export=export_tumour,
+        evaluate=evaluate_tumour,
+        summary=_evaluation_summary,
+        write_card=write_tumour_card,
     )
-    given_engine = getattr(args, "engine_dir", None)
-    if args.command != "card":
-        given_engine = getattr(args, "out", None) or given_engine
-    engine_dir = given_engine or REPO_ROOT / "fixtures" / "engines" / recipe.name
-    if args.command in ("train", "export"):
-        if args.command == "train":
-            epochs = args.epochs if args.epochs is not None else recipe.training.epochs
-            started = time.perf_counter()
-            checkpoint = train_tumour(
-                recipe, seed=seed, epochs=epochs, run_dir=run_dir, threads=args.threads,
-                fresh=args.fresh, console=console,
-            )
-            console.log(f"training finished in {(time.perf_counter() - started) / 60:.1f} min")
-            if args.no_export:
-                return 0
-        else:
-            checkpoint = run_dir / CHECKPOINT
-        manifest = export_tumour(recipe, checkpoint, engine_dir, seed=seed)
-        console.log(f"engine written: {manifest}")
-        return 0
-    if args.command == "evaluate":
-        report = evaluate_tumour(
-            recipe, engine_dir, seed=seed, threads=args.threads, cases=args.cases,
-            console=console,
-        )
-        m = report["metrics"]
-        console.log(
-            f"Dice mean {m['dice']['mean']} median {m['dice']['median']}; urgent flag "
-            f"sensitivity {m['urgent_sensitivity']['value']} "
-            f"({m['urgent_sensitivity']['successes']}/{m['urgent_sensitivity']['n']}) "
-            f"specificity {m['urgent_specificity']['value']} "
-            f"({m['urgent_specificity']['successes']}/{m['urgent_specificity']['n']}); "
-            f"midline shift MAE {m['midline_shift']['mae_mm']} mm → {engine_dir / EVALUATION_FILE}"
-        )
-        return 0
-    if args.command == "card":
-        out = args.out or REPO_ROOT / "docs" / "detectors" / f"{recipe.name}.md"
-        write_tumour_card(recipe, engine_dir, out)
-        console.log(f"model card written: {out}")
-        return 0
-    return 2
+
+
+def _evaluation_summary(m: dict[str, Any]) -> str:
+    return (
+        f"Dice mean {m['dice']['mean']} median {m['dice']['median']}; urgent flag "
+        f"sensitivity {m['urgent_sensitivity']['value']} "
+        f"({m['urgent_sensitivity']['successes']}/{m['urgent_sensitivity']['n']}) "
+        f"specificity {m['urgent_specificity']['value']} "
+        f"({m['urgent_specificity']['successes']}/{m['urgent_specificity']['n']}); "
+        f"midline shift MAE {m['midline_shift']['mae_mm']} mm"
+    )
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -709,7 +459,7 @@ def evaluate_tumour(
     specs = evaluation_cases(recipe, seed, cases)
     rows: list[dict[str, Any]] = []
     timings: list[float] = []
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("held-out phantoms", total=len(specs), status="")
         for case in specs:
             image, tumour, band, info = case.generate()
@@ -761,13 +511,7 @@ def evaluate_tumour(
         "wall_seconds": round(time.perf_counter() - started, 1),
         "cases": rows,
     }
-    out = engine_dir / EVALUATION_FILE
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    manifest_path = engine_dir / "manifest.json"
-    manifest = load_manifest(manifest_path, verify=True)
-    summary = {
+    write_evaluation(engine_dir, report, {
         "file": EVALUATION_FILE,
         "cases": metrics["counts"],
         "dice_mean": metrics["dice"]["mean"],
@@ -775,9 +519,7 @@ def evaluate_tumour(
         "urgent_sensitivity": metrics["urgent_sensitivity"]["value"],
         "urgent_specificity": metrics["urgent_specificity"]["value"],
         "midline_shift_mae_mm": metrics["midline_shift"]["mae_mm"],
-    }
-    training = {**manifest.training, "evaluation": summary}
-    write_manifest(manifest.model_copy(update={"training": training}), manifest_path)
+    })
     return report
 
 
@@ -902,6 +644,4 @@ def render_tumour_card(recipe: TumourRecipe, engine_dir: Path) -> str:
 
 def write_tumour_card(recipe: TumourRecipe, engine_dir: Path, out: Path) -> Path:
     """Write the model card to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_tumour_card(recipe, engine_dir), encoding="utf-8")
-    return out
+    return write_card_text(out, render_tumour_card(recipe, engine_dir))

@@ -14,13 +14,17 @@ of findings (FROC, worklist order) is unchanged because the map is increasing. T
 point is chosen on the same validation findings: ``finding_threshold`` is the highest
 calibrated score that keeps 95 % of the true findings (nodules: the lowest score that leaves
 at most 0.25 false findings per scan, a point of the FROC curve), and findings below it are
-not reported.
+not reported. For a bleed detector the same validation cases, with only the findings above
+that threshold, also choose the recommended critical volume (``training.finding_calibration
+.critical_volume``; the rule of :func:`trainers.evaluate.recommend_critical_volume`), so the
+held-out evaluation measures the flag at a volume it did not choose.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,22 +113,82 @@ def brier(probabilities: list[float], real: list[bool]) -> float:
     return float(np.mean((p - y) ** 2)) if p.size else float("nan")
 
 
+@dataclass(frozen=True)
+class _Finding:
+    raw_score: float
+    real: bool
+    volume_ml: float = 0.0
+    overlap_voxels: int = 0
+    voxels: int = 0
+
+
+@dataclass(frozen=True)
+class _Case:
+    findings: list[_Finding]
+    true_ml: float = 0.0
+    true_voxels: int = 0
+    kind: str = "normal"
+
+
 def _head_findings(recipe: DetectorRecipe, detector: SegmentationDetector, index: int,
-                   seed: int) -> list[tuple[float, bool]]:
+                   seed: int) -> _Case:
     from trainers.data import training_case
     from trainers.evaluate import _phantom_volume
 
     case = training_case(recipe, "val", seed, index)
     hu, truth, info = case.generate()
     result = detector.run(_phantom_volume(hu, info, index))
-    return [
-        (float(f.measurements["raw_score"]), bool(f.mask is not None and (f.mask & truth).any()))
-        for f in result.findings
-    ]
+    findings = []
+    for f in result.findings:
+        overlap = int(np.count_nonzero(f.mask & truth)) if f.mask is not None else 0
+        findings.append(_Finding(
+            float(f.measurements["raw_score"]), overlap > 0, float(f.volume_ml or 0.0),
+            overlap, int(np.count_nonzero(f.mask)) if f.mask is not None else 0))
+    return _Case(findings, float(info["bleed_ml"]), int(np.count_nonzero(truth)),
+                 info["bleed_kind"] or "normal")
+
+
+def critical_volume_on_validation(recipe: DetectorRecipe, cases: list[_Case],
+                                  spec: CalibrationSpec, threshold: float) -> dict[str, Any]:
+    """The critical volume the validation phantoms support, at the final operating point.
+
+    Each validation case becomes an evaluation row with only the findings the node would
+    report (calibrated score at or above ``finding_threshold``); the sweep and the rule are
+    :func:`trainers.evaluate.recommend_critical_volume`'s, so the held-out evaluation then
+    measures a value it did not choose.
+    """
+    from trainers.evaluate import recommend_critical_volume, summarise
+
+    rows = []
+    for case in cases:
+        kept = [f for f in case.findings
+                if spec.probability(score_logit(f.raw_score)) >= threshold]
+        voxels = sum(f.voxels for f in kept)
+        rows.append({
+            "kind": case.kind,
+            "true_ml": case.true_ml,
+            "pred_ml": sum(f.volume_ml for f in kept),
+            "dice": (2.0 * sum(f.overlap_voxels for f in kept) / (voxels + case.true_voxels)
+                     if case.true_voxels else None),
+            "score": max((spec.probability(score_logit(f.raw_score)) for f in kept),
+                         default=0.0),
+        })
+    metrics = summarise(rows, recipe, recipe.evaluation.critical_sweep_ml[0])
+    return {
+        "recommended_critical_volume_ml": recommend_critical_volume(metrics, rows),
+        "bleeds": metrics["counts"]["bleeds"],
+        "normals": metrics["counts"]["normals"],
+        "sweep": [
+            {"critical_volume_ml": row["critical_volume_ml"],
+             "sensitivity_ge_min_ml": row["sensitivity_ge_min_ml"]["value"],
+             "specificity": row["specificity"]["value"]}
+            for row in metrics["critical_volume_sweep"]
+        ],
+    }
 
 
 def _nodule_findings(recipe: NoduleRecipe, detector: SegmentationDetector, index: int,
-                     seed: int) -> list[tuple[float, bool]]:
+                     seed: int) -> _Case:
     from trainers.evaluate import _phantom_volume
     from trainers.nodules import _match, _reference_nodules, training_case
 
@@ -139,8 +203,8 @@ def _nodule_findings(recipe: NoduleRecipe, detector: SegmentationDetector, index
         [f.mask for f in result.findings if f.mask is not None],
         [np.array(f.centroid_mm or (0.0, 0.0, 0.0)) for f in result.findings],
     )
-    return [(float(f.measurements["raw_score"]), hit > 0)
-            for f, hit in zip(result.findings, hits, strict=True)]
+    return _Case([_Finding(float(f.measurements["raw_score"]), hit > 0)
+                  for f, hit in zip(result.findings, hits, strict=True)])
 
 
 def calibrate_findings(
@@ -164,17 +228,18 @@ def calibrate_findings(
         detector = SegmentationDetector(manifest_path, threads=threads)
     detector.manifest = uncalibrated
     started = time.perf_counter()
-    pairs: list[tuple[float, bool]] = []
+    validation: list[_Case] = []
     for k in range(cases):
         index = FIRST_INDEX + k
         if isinstance(recipe, NoduleRecipe):
-            pairs += _nodule_findings(recipe, detector, index, seed)
+            validation.append(_nodule_findings(recipe, detector, index, seed))
         else:
-            pairs += _head_findings(recipe, detector, index, seed)
+            validation.append(_head_findings(recipe, detector, index, seed))
         if (k + 1) % 10 == 0:
-            console.log(f"calibration phantoms {k + 1}/{cases}: {len(pairs)} findings")
-    scores = [s for s, _ in pairs]
-    real = [r for _, r in pairs]
+            found = sum(len(c.findings) for c in validation)
+            console.log(f"calibration phantoms {k + 1}/{cases}: {found} findings")
+    scores = [f.raw_score for c in validation for f in c.findings]
+    real = [f.real for c in validation for f in c.findings]
     spec = fit_finding_calibration(scores, real)
     calibrated = [spec.probability(score_logit(s)) for s in scores]
     if isinstance(recipe, NoduleRecipe):
@@ -190,7 +255,7 @@ def calibrate_findings(
         "method": "platt, smoothed targets",
         "split": f"val, seed {seed}, indices {FIRST_INDEX}–{FIRST_INDEX + cases - 1}",
         "cases": cases,
-        "findings": len(pairs),
+        "findings": len(scores),
         "true_findings": int(sum(real)),
         "false_findings": int(len(real) - sum(real)),
         "slope": round(spec.slope, 6),
@@ -203,6 +268,9 @@ def calibrate_findings(
         "false_findings_kept": sum(1 for k, r in zip(kept, real, strict=True) if k and not r),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if not isinstance(recipe, NoduleRecipe):
+        record["critical_volume"] = critical_volume_on_validation(recipe, validation, spec,
+                                                                  threshold)
     fresh = load_manifest(manifest_path, verify=True)
     training = {**fresh.training, "finding_calibration": record}
     write_manifest(

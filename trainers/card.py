@@ -15,6 +15,22 @@ from trainers.recipes import DetectorRecipe
 from triage_node.detectors.manifest import Manifest, load_manifest
 
 
+def critical_volume_rule(training: dict[str, Any], report: dict[str, Any]) -> str:
+    """How the recommended critical volume was chosen, in words, with the data it came from."""
+    rule = ("the smallest swept value (≥ 0.5 mL) whose specificity is at least 0.95 and which "
+            "stays above every false-positive volume seen on a normal, inflated by the mean "
+            "absolute volume error (any acute bleed is urgent, but a few dozen normals cannot "
+            "pin specificity down, so the threshold keeps a margin over the false alarms "
+            "observed)")
+    chosen = (training.get("finding_calibration") or {}).get("critical_volume")
+    if report.get("recommended_critical_volume_from") == "validation" and chosen:
+        return (f"chosen on the validation phantoms of `calibrate` ({chosen['bleeds']} bleeds, "
+                f"{chosen['normals']} normals; never the held-out set): {rule}; the held-out "
+                "sweep below measures it.")
+    return ("chosen on the held-out sweep below (run `calibrate` to choose it on validation): "
+            f"{rule}.")
+
+
 def finding_score_lines(manifest: Manifest, metrics: dict[str, Any]) -> list[str]:
     """Card lines on the finding score: its calibration (validation) and held-out Brier."""
     cal = manifest.training.get("finding_calibration")
@@ -175,12 +191,8 @@ def render_card(recipe: DetectorRecipe, engine_dir: Path) -> str:
         f"- Study is flagged **critical** when the bleed volume is at least the site's "
         f"`critical_volume_ml`; evaluated at {m['critical_volume_ml']} mL.",
         f"- **Recommended critical volume: {report['recommended_critical_volume_ml']} mL** — "
-        "the smallest swept value (≥ 0.5 mL, the smallest held-out bleed) whose held-out "
-        "specificity is at least 0.95 and which stays above every false-positive volume "
-        "seen on a normal, inflated by the mean absolute volume error (any acute bleed is "
-        "urgent, but 25 normals cannot pin specificity down, so the threshold keeps a margin "
-        "over the false alarms observed). Findings below it are still reported, with "
-        "urgency `negative`.",
+        + critical_volume_rule(manifest.training, report)
+        + " Findings below it are still reported, with urgency `negative`.",
         "",
         "## Held-out evaluation",
         "",

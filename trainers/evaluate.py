@@ -194,6 +194,19 @@ def recommend_critical_volume(
     return float(metrics["critical_volume_sweep"][-1]["critical_volume_ml"])
 
 
+def _recommended_critical_volume(training: dict[str, Any], metrics: dict[str, Any],
+                                 rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The critical volume to recommend: chosen on the validation phantoms by ``calibrate``
+    when it ran (the operating threshold must not be chosen on the data that measure it), else
+    on these rows, saying so."""
+    chosen = (training.get("finding_calibration") or {}).get("critical_volume")
+    if chosen:
+        return {"recommended_critical_volume_ml": chosen["recommended_critical_volume_ml"],
+                "recommended_critical_volume_from": "validation"}
+    return {"recommended_critical_volume_ml": recommend_critical_volume(metrics, rows),
+            "recommended_critical_volume_from": "held-out"}
+
+
 def evaluate(
     recipe: DetectorRecipe,
     engine_dir: Path,
@@ -289,7 +302,7 @@ def evaluate(
         "probability_threshold": detector.manifest.probability_threshold,
         "min_component_ml": detector.manifest.min_component_ml,
         "metrics": metrics,
-        "recommended_critical_volume_ml": recommend_critical_volume(metrics, rows),
+        **_recommended_critical_volume(detector.manifest.training, metrics, rows),
         "timings_s": {
             k: {"mean": round(float(np.mean(v)), 4), "max": round(float(np.max(v)), 4)}
             for k, v in timings.items()

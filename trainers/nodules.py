@@ -1,11 +1,13 @@
 """The ``ct-chest-nodule`` detector's data, training, export, evaluation and card.
 
 Same shape as the hemorrhage recipe (:mod:`trainers.data`, :mod:`trainers.train`,
-:mod:`trainers.export`, :mod:`trainers.evaluate`), reusing their pieces, with what differs for
-nodules: chest phantoms with 0–4 nodules and decoy vessel trees
-(:func:`trainers.phantoms.chest_ct.generate_chest_ct` with a ``NodulePlan``), crops that are
-also centred on decoys (hard negatives), and a per-nodule evaluation — FROC, diameter error and
-the study-level urgent flag for masses — run with the node's own :class:`NoduleDetector`.
+:mod:`trainers.export`, :mod:`trainers.evaluate`), reusing their pieces — the training loop of
+:mod:`trainers.loop`, the caches of :mod:`trainers.serial_cache`, the manifest and evaluation
+record of :mod:`trainers.engine_export` — with what differs for nodules: chest phantoms with
+0–4 nodules and decoy vessel trees (:func:`trainers.phantoms.chest_ct.generate_chest_ct` with a
+``NodulePlan``), crops that are also centred on decoys (hard negatives), and a per-nodule
+evaluation — FROC, diameter error and the study-level urgent flag for masses — run with the
+node's own :class:`NoduleDetector`.
 
 ::
 
@@ -16,12 +18,10 @@ the study-level urgent flag for masses — run with the node's own :class:`Nodul
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,49 +35,28 @@ from scipy import ndimage
 from trainers.calibrate import brier
 from trainers.card import finding_score_lines, num, pct
 from trainers.data import SPLIT_CODES
+from trainers.engine_export import (
+    load_checkpoint_model,
+    segmentation_manifest,
+    training_provenance,
+    write_evaluation,
+)
 from trainers.evaluate import EVALUATION_FILE, _dice, _phantom_volume, _rate
-from trainers.export import (
-    ENGINE_FILE,
-    OPSET,
-    PARITY_INPUT,
-    PARITY_OUTPUT,
-    PARITY_TOLERANCE,
-    WEIGHTS_FILE,
-    _versions,
-    export_parity_checked,
-    write_manifest,
-)
+from trainers.export import export_parity_checked
+from trainers.loop import crop_batch, positive_coords, start_run, train_3d
 from trainers.phantoms.chest_ct import NodulePlan, generate_chest_ct
+from trainers.recipe_command import run_recipe_command, write_card_text
 from trainers.recipes import NoduleRecipe
-from trainers.train import (
-    CHECKPOINT,
-    TrainState,
-    _atomic_save,
-    _progress,
-    init_output_bias,
-    resume,
-    validate,
-)
+from trainers.serial_cache import SerialCaseCache, load_caches, split_caches
+from trainers.train import validate
 from triage_node.detectors.findings import Urgency
-from triage_node.detectors.manifest import (
-    EngineFileSpec,
-    InputSpec,
-    Manifest,
-    OutputSpec,
-    ParitySpec,
-    load_manifest,
-    sha256_of,
-)
+from triage_node.detectors.manifest import load_manifest
 from triage_node.detectors.nodules import NoduleDetector, axial_long_axis_mm
 from triage_node.detectors.transforms import (
     apply_preprocessing,
     build_label_preprocessing,
     build_preprocessing,
 )
-from triage_node.results.identity import engine_device_uid
-
-_MAX_POSITIVE_COORDS = 4096
-
 
 # --- cases ------------------------------------------------------------------------------------
 
@@ -187,78 +166,10 @@ def preprocess_case(
     return image, target, meta
 
 
-@dataclass
-class NoduleCache:
-    """Preprocessed cases of one split as float16 arrays on disk, resumable case by case."""
-
-    directory: Path
-    count: int
-    shape: tuple[int, int, int]
-
-    @property
-    def _meta_path(self) -> Path:
-        return self.directory / "meta.jsonl"
-
-    @property
-    def _seconds_path(self) -> Path:
-        return self.directory / "build_seconds.txt"
-
-    def build_seconds(self) -> float:
-        if not self._seconds_path.exists():
-            return 0.0
-        return float(self._seconds_path.read_text().strip() or 0.0)
-
-    def done(self) -> int:
-        if not self._meta_path.exists():
-            return 0
-        return sum(1 for line in self._meta_path.read_text().splitlines() if line.strip())
-
-    def build(self, recipe: NoduleRecipe, cases: list[NoduleCase], progress: Progress) -> None:
-        """Generate the missing cases in this process (the caller sets the thread count)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        start = self.done()
-        if start >= self.count:
-            return
-        mode = "r+" if start > 0 else "w+"
-        shape = (self.count, *self.shape)
-        images = np.lib.format.open_memmap(
-            self.directory / "images.npy", mode=mode, dtype=np.float16, shape=shape
-        )
-        targets = np.lib.format.open_memmap(
-            self.directory / "targets.npy", mode=mode, dtype=np.float16, shape=shape
-        )
-        task = progress.add_task(
-            f"phantoms ({cases[0].split})", total=self.count, completed=start, status=""
-        )
-        spent = self.build_seconds()
-        with self._meta_path.open("a") as meta_file:
-            for i in range(start, self.count):
-                began = time.perf_counter()
-                image, target, meta = preprocess_case(recipe, cases[i])
-                images[i] = image.astype(np.float16)
-                targets[i] = target.astype(np.float16)
-                images.flush()
-                targets.flush()
-                meta_file.write(json.dumps(meta) + "\n")
-                meta_file.flush()
-                spent += time.perf_counter() - began
-                self._seconds_path.write_text(f"{spent:.1f}\n")
-                progress.advance(task)
-        del images, targets
-
-    def load(self) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        images = np.load(self.directory / "images.npy")
-        targets = np.load(self.directory / "targets.npy")
-        meta = [json.loads(line) for line in self._meta_path.read_text().splitlines() if line]
-        return images, targets, meta
-
-
-def _caches(recipe: NoduleRecipe, run_dir: Path) -> tuple[NoduleCache, NoduleCache]:
-    fp = recipe.data_fingerprint()
+def _caches(recipe: NoduleRecipe, run_dir: Path) -> tuple[SerialCaseCache, SerialCaseCache]:
     spec = recipe.training
-    return (
-        NoduleCache(run_dir / "cache" / f"train-{fp}", spec.train_cases, recipe.input_shape),
-        NoduleCache(run_dir / "cache" / f"val-{fp}", spec.val_cases, recipe.input_shape),
+    return split_caches(
+        run_dir, recipe.data_fingerprint(), (spec.train_cases, spec.val_cases), recipe.input_shape
     )
 
 
@@ -290,23 +201,17 @@ def _batch(
     indices: np.ndarray,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = recipe.training
-    cz, cy, cx = spec.crop
-    xs, ys = [], []
-    for i in indices:
+
+    def start(i: int) -> tuple[int, int, int]:
         draw = rng.random()
         centre: np.ndarray | None = None
         if draw < spec.positive_crop_fraction and len(positives[i]):
             centre = positives[i][rng.integers(len(positives[i]))]
         elif draw >= 1.0 - spec.decoy_crop_fraction and len(decoys[i]):
             centre = decoys[i][rng.integers(len(decoys[i]))]
-        z, y, x = _crop_start(rng, images.shape[1:], spec.crop, centre)
-        img = images[i, z : z + cz, y : y + cy, x : x + cx]
-        tgt = targets[i, z : z + cz, y : y + cy, x : x + cx]
-        if rng.random() < spec.flip_probability:  # left-right mirror: nodules on both sides
-            img, tgt = img[..., ::-1], tgt[..., ::-1]
-        xs.append(img.astype(np.float32))
-        ys.append(tgt.astype(np.float32))
-    return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+        return _crop_start(rng, images.shape[1:], spec.crop, centre)
+
+    return crop_batch(rng, images, targets, indices, spec.crop, spec.flip_probability, start)
 
 
 def train_nodules(
@@ -321,174 +226,67 @@ def train_nodules(
 ) -> Path:
     """Train the nodule network; resumable from ``run_dir/checkpoint.pt`` (see train.py)."""
     console = console or Console()
-    torch.set_num_threads(threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run_dir / CHECKPOINT
-    if fresh and checkpoint_path.exists():
-        checkpoint_path.unlink()
-
-    train_cache, val_cache = _caches(recipe, run_dir)
-    with _progress(console) as progress:
-        for split, cache in (("train", train_cache), ("val", val_cache)):
-            cases = [training_case(recipe, split, seed, i) for i in range(cache.count)]
-            cache.build(recipe, cases, progress)
-    data_seconds = train_cache.build_seconds() + val_cache.build_seconds()
-    images, targets, meta = train_cache.load()
-    val_images, val_targets, _ = val_cache.load()
-    prng = np.random.default_rng([seed, 99])
-    positives = []
-    for target in targets:
-        found = np.argwhere(target >= 0.5)
-        if len(found) > _MAX_POSITIVE_COORDS:
-            found = found[prng.choice(len(found), _MAX_POSITIVE_COORDS, replace=False)]
-        positives.append(found)
+    checkpoint_path = start_run(run_dir, threads, fresh)
+    (images, targets, meta), (val_images, val_targets, _), data_seconds = load_caches(
+        _caches(recipe, run_dir),
+        lambda split, i: training_case(recipe, split, seed, i),
+        lambda case: preprocess_case(recipe, case),
+        console,
+    )
+    positives = positive_coords(targets, np.random.default_rng([seed, 99]))
     decoys = [np.array(m["decoy_points"], dtype=float).reshape(-1, 3) for m in meta]
     with_nodules = sum(1 for m in meta if m["nodules"])
     console.log(
         f"{len(images)} training phantoms ({with_nodules} with nodules), {len(val_images)} "
         f"validation; data {data_seconds:.0f} s"
     )
-
-    torch.manual_seed(seed)
-    model = recipe.network.build()
-    init_output_bias(model, recipe.training.output_prior)
-    model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    spec = recipe.training
-    steps_per_epoch = len(images) // spec.batch_size
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+    return train_3d(
+        recipe,
+        seed=seed,
+        epochs=epochs,
+        checkpoint_path=checkpoint_path,
+        console=console,
+        train_cases=len(images),
+        sample=lambda rng, batch: _batch(rng, recipe, images, targets, positives, decoys, batch),
+        loss_fn=DiceCELoss(sigmoid=True, batch=True),
+        validate=lambda model: validate(
+            model, val_images, val_targets, recipe.probability_threshold
+        ),
+        data={
+            "train_cases": len(images),
+            "train_nodule_cases": with_nodules,
+            "train_nodules": sum(len(m["nodules"]) for m in meta),
+            "val_cases": len(val_images),
+        },
+        data_seconds=data_seconds,
     )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.learning_rate, total_steps=epochs * steps_per_epoch, pct_start=0.08
-    )
-    loss_fn = DiceCELoss(sigmoid=True, batch=True)
-    state = TrainState(data_seconds=data_seconds)
-    if checkpoint_path.exists():
-        expected = {"fingerprint": recipe.fingerprint(), "seed": seed, "epochs": epochs}
-        state = TrainState(**resume(checkpoint_path, expected, model, optimizer, scheduler))
-        state.data_seconds = data_seconds
-        console.log(f"resuming after epoch {state.epoch} from {checkpoint_path}")
-
-    model.train()
-    with _progress(console) as progress:
-        task = progress.add_task(
-            "training", total=epochs * steps_per_epoch, completed=state.step, status=""
-        )
-        for epoch in range(state.epoch, epochs):
-            started = time.perf_counter()
-            rng = np.random.default_rng([seed, epoch, 7])
-            order = rng.permutation(len(images))
-            losses: list[float] = []
-            for b in range(steps_per_epoch):
-                batch = order[b * spec.batch_size : (b + 1) * spec.batch_size]
-                x, y = _batch(rng, recipe, images, targets, positives, decoys, batch)
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                state.step += 1
-                progress.update(
-                    task,
-                    advance=1,
-                    status=f"epoch {epoch + 1}/{epochs} loss {np.mean(losses[-20:]):.3f}",
-                )
-            last = epoch + 1 == epochs
-            metrics = (
-                validate(model, val_images, val_targets, recipe.probability_threshold)
-                if last or (epoch + 1) % spec.val_every_epochs == 0
-                else {}
-            )
-            state.epoch = epoch + 1
-            state.train_seconds += time.perf_counter() - started
-            record = {"epoch": float(epoch + 1), "loss": float(np.mean(losses)), **metrics}
-            state.history.append(record)
-            console.log(
-                f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
-                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                + f" {state.train_seconds / 60:.1f} min"
-            )
-            _atomic_save(
-                {
-                    "fingerprint": recipe.fingerprint(),
-                    "seed": seed,
-                    "epochs": epochs,
-                    "recipe": recipe.name,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "state": {
-                        "epoch": state.epoch,
-                        "step": state.step,
-                        "train_seconds": state.train_seconds,
-                        "data_seconds": state.data_seconds,
-                        "history": state.history,
-                    },
-                    "data": {
-                        "train_cases": len(images),
-                        "train_nodule_cases": with_nodules,
-                        "train_nodules": sum(len(m["nodules"]) for m in meta),
-                        "val_cases": len(val_images),
-                    },
-                },
-                checkpoint_path,
-            )
-    return checkpoint_path
 
 
 # --- command line -----------------------------------------------------------------------------
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def run_command(args: Any, recipe: NoduleRecipe, console: Console) -> int:
     """``python -m trainers {train,export,evaluate,card} ct-chest-nodule`` (see cli.py)."""
-    seed = int(getattr(args, "seed", 0))
-    given_run = getattr(args, "run_dir", None)
-    run_dir = given_run or REPO_ROOT / "trainers" / "runs" / f"{recipe.name}-seed{seed}"
-    # For train/export ``--out`` is the engine folder; for card it is the Markdown file.
-    given_engine = getattr(args, "engine_dir", None)
-    if args.command != "card":
-        given_engine = getattr(args, "out", None) or given_engine
-    engine_dir = given_engine or REPO_ROOT / "fixtures" / "engines" / recipe.name
-    if args.command in ("train", "export"):
-        if args.command == "train":
-            epochs = args.epochs if args.epochs is not None else recipe.training.epochs
-            started = time.perf_counter()
-            checkpoint = train_nodules(
-                recipe, seed=seed, epochs=epochs, run_dir=run_dir, threads=args.threads,
-                fresh=args.fresh, console=console,
-            )
-            console.log(f"training finished in {(time.perf_counter() - started) / 60:.1f} min")
-            if args.no_export:
-                return 0
-        else:
-            checkpoint = run_dir / CHECKPOINT
-        manifest = export_nodules(recipe, checkpoint, engine_dir, seed=seed)
-        console.log(f"engine written: {manifest}")
-        return 0
-    if args.command == "evaluate":
-        report = evaluate_nodules(
-            recipe, engine_dir, seed=seed, threads=args.threads, cases=args.cases,
-            console=console,
-        )
-        m = report["metrics"]
-        froc = ", ".join(f"{r['fp_per_scan']:g}: {r['sensitivity']:.2f}" for r in m["froc"])
-        console.log(
-            f"Dice mean {m['dice']['mean']}; FROC sensitivity at FP/scan {froc}; urgent flag "
-            f"sensitivity {m['urgent_sensitivity']['value']} specificity "
-            f"{m['urgent_specificity']['value']}; diameter MAE "
-            f"{m['diameter_error_mm']['median_absolute']} mm → {engine_dir / EVALUATION_FILE}"
-        )
-        return 0
-    if args.command == "card":
-        out = args.out or REPO_ROOT / "docs" / "detectors" / f"{recipe.name}.md"
-        write_nodule_card(recipe, engine_dir, out)
-        console.log(f"model card written: {out}")
-        return 0
-    return 2
+    return run_recipe_command(
+        args,
+        recipe,
+        console,
+        train=train_nodules,
+        export=export_nodules,
+        evaluate=evaluate_nodules,
+        summary=_evaluation_summary,
+        write_card=write_nodule_card,
+    )
+
+
+def _evaluation_summary(m: dict[str, Any]) -> str:
+    froc = ", ".join(f"{r['fp_per_scan']:g}: {r['sensitivity']:.2f}" for r in m["froc"])
+    return (
+        f"Dice mean {m['dice']['mean']}; FROC sensitivity at FP/scan {froc}; urgent flag "
+        f"sensitivity {m['urgent_sensitivity']['value']} specificity "
+        f"{m['urgent_specificity']['value']}; diameter MAE "
+        f"{m['diameter_error_mm']['median_absolute']} mm"
+    )
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -505,47 +303,27 @@ def _parity_case(seed: int) -> NoduleCase:
     )
 
 
-def load_nodule_model(
-    recipe: NoduleRecipe, checkpoint_path: Path
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network from a training checkpoint, in eval mode, and the checkpoint itself."""
-    if not checkpoint_path.is_file():
-        raise SystemExit(f"no checkpoint at {checkpoint_path}: run `python -m trainers train`")
-    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if saved.get("recipe") != recipe.name:
-        raise SystemExit(f"{checkpoint_path} is a {saved.get('recipe')!r} checkpoint")
-    model = recipe.network.build()
-    model.load_state_dict(saved["model"])
-    model.eval()
-    return model, saved
-
-
 def export_nodules(
     recipe: NoduleRecipe, checkpoint_path: Path, out_dir: Path, *, seed: int
 ) -> Path:
     """Export the checkpoint to ONNX in ``out_dir`` (parity-checked) and write the manifest."""
-    model, saved = load_nodule_model(recipe, checkpoint_path)
+    model, saved = load_checkpoint_model(recipe, checkpoint_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     image, target, _ = preprocess_case(recipe, _parity_case(seed))
-    full_diff, crop_diff = export_parity_checked(model, image, target, out_dir)
+    parity = export_parity_checked(model, image, target, out_dir)
 
-    state, data, spec = saved["state"], saved["data"], recipe.training
-    train_cache, val_cache = _caches(recipe, checkpoint_path.parent)
-    data_seconds = train_cache.build_seconds() + val_cache.build_seconds()
-    history = state["history"]
-    training: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        "seed": saved["seed"],
-        "epochs": state["epoch"],
-        "steps": state["step"],
-        "batch_size": spec.batch_size,
-        "crop": list(spec.crop),
-        "threads": 1,
-        "train_cases": data["train_cases"],
-        "train_nodule_cases": data["train_nodule_cases"],
-        "train_nodules": data["train_nodules"],
-        "val_cases": data["val_cases"],
-        "data": (
+    data, spec = saved["data"], recipe.training
+    caches = _caches(recipe, checkpoint_path.parent)
+    training = training_provenance(
+        recipe,
+        saved,
+        out_dir,
+        threads=1,
+        cases={
+            k: data[k]
+            for k in ("train_cases", "train_nodule_cases", "train_nodules", "val_cases")
+        },
+        data=(
             "procedural chest-CT phantoms (trainers/phantoms/chest_ct.py, NodulePlan) on "
             "random acquisition grids (matrix "
             + "/".join(str(m) for m, _ in spec.in_plane)
@@ -557,48 +335,11 @@ def export_nodules(
             "cases with nodules; 3–8 branching soft-tissue vessel trees per case as decoys, "
             f"{spec.decoy_crop_fraction:.0%} of training crops centred on them"
         ),
-        "loss": "DiceCELoss(sigmoid=True, batch=True), soft (area-resized) targets",
-        "optimizer": f"AdamW lr {spec.learning_rate} + OneCycleLR",
-        "network": {"class": "monai.networks.nets.UNet", **asdict(recipe.network), "norm": "batch"},
-        "train_minutes": round(state["train_seconds"] / 60.0, 2),
-        "data_minutes": round((data_seconds or state["data_seconds"]) / 60.0, 2),
-        "final_val_dice": history[-1].get("val_dice") if history else None,
-        "history": history,
-        "weights": WEIGHTS_FILE,
-        "export": {
-            "exporter": "torch.onnx.export(dynamo=True), dynamic spatial axes",
-            "parity_max_abs_diff_full": full_diff,
-            "parity_max_abs_diff_reference": crop_diff,
-        },
-        "versions": _versions(),
-        # Changes with every trained version (derived from the engine file's sha256).
-        "device_uid": str(engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))),
-    }
-    manifest = Manifest(
-        name=recipe.name,
-        version=recipe.version,
-        task="segmentation",
-        description=recipe.description,
-        modalities=list(recipe.modalities),
-        input=InputSpec(name="image", shape=recipe.input_shape),
-        preprocessing=list(recipe.preprocessing),
-        output=OutputSpec(name="logits", activation="sigmoid"),
-        labels=list(recipe.labels),
-        probability_threshold=recipe.probability_threshold,
-        min_component_ml=recipe.min_component_ml,
-        postprocess="nodules",
-        refine=recipe.refine,
-        engine=EngineFileSpec(
-            path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
-        ),
-        parity=ParitySpec(
-            input_path=PARITY_INPUT, output_path=PARITY_OUTPUT, tolerance=PARITY_TOLERANCE
-        ),
-        training=training,
+        loss="DiceCELoss(sigmoid=True, batch=True), soft (area-resized) targets",
+        data_seconds=sum(c.build_seconds() for c in caches) or saved["state"]["data_seconds"],
+        parity=parity,
     )
-    manifest_path = out_dir / "manifest.json"
-    write_manifest(manifest, manifest_path)
-    return manifest_path
+    return segmentation_manifest(recipe, out_dir, training, "nodules")
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -817,11 +558,7 @@ def evaluate_nodules(
         "wall_seconds": round(time.perf_counter() - started, 1),
         "cases": rows,
     }
-    out = engine_dir / EVALUATION_FILE
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    _record_in_manifest(engine_dir / "manifest.json", report)
+    write_evaluation(engine_dir, report, _evaluation_record(report))
     return report
 
 
@@ -930,11 +667,10 @@ def summarise_nodules(
     }
 
 
-def _record_in_manifest(manifest_path: Path, report: dict[str, Any]) -> None:
-    """Copy the headline held-out figures into the manifest's training provenance."""
-    manifest = load_manifest(manifest_path, verify=True)
+def _evaluation_record(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline held-out figures, for the manifest's training provenance."""
     m = report["metrics"]
-    summary = {
+    return {
         "file": EVALUATION_FILE,
         "cases": m["counts"],
         "dice_mean": m["dice"]["mean"],
@@ -946,8 +682,6 @@ def _record_in_manifest(manifest_path: Path, report: dict[str, Any]) -> None:
         "diameter_median_abs_error_mm": m["diameter_error_mm"]["median_absolute"],
         "urgent_diameter_mm": m["urgent_diameter_mm"],
     }
-    training = {**manifest.training, "evaluation": summary}
-    write_manifest(manifest.model_copy(update={"training": training}), manifest_path)
 
 
 # --- model card -------------------------------------------------------------------------------
@@ -1157,6 +891,4 @@ def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
 
 def write_nodule_card(recipe: NoduleRecipe, engine_dir: Path, out: Path) -> Path:
     """Render the card and write it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_nodule_card(recipe, engine_dir), encoding="utf-8")
-    return out
+    return write_card_text(out, render_nodule_card(recipe, engine_dir))

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -35,6 +35,43 @@ def short_hash(payload: dict[str, Any]) -> str:
     (training resumes, and data caches are reused, only when they match)."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _Fingerprinted(Protocol):
+    """What the fingerprints of every recipe kind are made of."""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...
+    @property
+    def preprocessing(self) -> tuple[TransformSpec, ...]: ...
+    @property
+    def network(self) -> Any: ...
+    @property
+    def training(self) -> Any: ...
+
+
+def training_fingerprint(recipe: _Fingerprinted, **extra: Any) -> str:
+    """A recipe's ``fingerprint()``: the short hash of its input shape, preprocessing,
+    network and training spec, and ``extra`` (e.g. a phantom version) — everything that
+    changes what training produces (a checkpoint resumes only when it matches)."""
+    return short_hash({
+        "input_shape": recipe.input_shape,
+        "preprocessing": [s.model_dump() for s in recipe.preprocessing],
+        "network": asdict(recipe.network),
+        "training": asdict(recipe.training),
+        **extra,
+    })
+
+
+def data_fingerprint(recipe: _Fingerprinted, **extra: Any) -> str:
+    """A recipe's ``data_fingerprint()``: the short hash of its input shape, preprocessing and
+    ``extra`` (case counts, grids, phantom version…) — what its cached training data depend
+    on, not the schedule (a data cache is reused only when it matches)."""
+    return short_hash({
+        "input_shape": recipe.input_shape,
+        "preprocessing": [s.model_dump() for s in recipe.preprocessing],
+        **extra,
+    })
 
 
 @dataclass(frozen=True)
@@ -135,25 +172,17 @@ class DetectorRecipe:
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes what training produces (for resume)."""
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "network": asdict(self.network),
-            "training": asdict(self.training),
-        }
-        return short_hash(payload)
+        return training_fingerprint(self)
 
     def data_fingerprint(self) -> str:
         """Short hash of what the cached training data depends on (not the schedule)."""
         t = self.training
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "cases": (t.train_cases, t.val_cases, t.bleed_fraction, t.bleed_ml_range),
-            "grids": (t.in_plane, t.slice_spacing),
-            "phantom_version": PHANTOM_VERSION,
-        }
-        return short_hash(payload)
+        return data_fingerprint(
+            self,
+            cases=(t.train_cases, t.val_cases, t.bleed_fraction, t.bleed_ml_range),
+            grids=(t.in_plane, t.slice_spacing),
+            phantom_version=PHANTOM_VERSION,
+        )
 
 
 _HEMORRHAGE = LabelSpec(
@@ -323,26 +352,17 @@ class TumourRecipe:
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes what training produces (for resume)."""
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "network": asdict(self.network),
-            "training": asdict(self.training),
-            "phantom_version": MR_PHANTOM_VERSION,
-        }
-        return short_hash(payload)
+        return training_fingerprint(self, phantom_version=MR_PHANTOM_VERSION)
 
     def data_fingerprint(self) -> str:
         """Short hash of what the cached training data depends on (not the schedule)."""
         t = self.training
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "cases": (t.train_cases, t.val_cases, t.tumour_fraction, t.tumour_ml_range),
-            "thick_fraction": t.thick_fraction,
-            "phantom_version": MR_PHANTOM_VERSION,
-        }
-        return short_hash(payload)
+        return data_fingerprint(
+            self,
+            cases=(t.train_cases, t.val_cases, t.tumour_fraction, t.tumour_ml_range),
+            thick_fraction=t.thick_fraction,
+            phantom_version=MR_PHANTOM_VERSION,
+        )
 
 
 MR_BRAIN_TUMOR = TumourRecipe(
@@ -666,30 +686,24 @@ class ClassifierRecipe:
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes what training produces (for resume)."""
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "network": asdict(self.network),
-            "training": asdict(self.training),
+        return training_fingerprint(
+            self,
             **self._phantom_payload(),
             # Only when not the defaults, so that the chest recipe's fingerprint is unchanged.
             **({"pooling": self.pooling} if self.pooling != "mean" else {}),
             **({"map_positive_weight": self.map_positive_weight}
                if self.map_positive_weight != 1.0 else {}),
-        }
-        return short_hash(payload)
+        )
 
     def data_fingerprint(self) -> str:
         """Short hash of what the cached training data depends on (not the schedule)."""
         t = self.training
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "cases": (t.train_cases, t.val_cases, t.positive_fraction),
-            "map_grid": self.network.divisor,
+        return data_fingerprint(
+            self,
+            cases=(t.train_cases, t.val_cases, t.positive_fraction),
+            map_grid=self.network.divisor,
             **self._phantom_payload(),
-        }
-        return short_hash(payload)
+        )
 
 
 CXR_PNEUMOTHORAX = ClassifierRecipe(
@@ -820,26 +834,17 @@ class NoduleRecipe:
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes what training produces (for resume)."""
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "network": asdict(self.network),
-            "training": asdict(self.training),
-            "phantom_version": NODULE_PHANTOM_VERSION,
-        }
-        return short_hash(payload)
+        return training_fingerprint(self, phantom_version=NODULE_PHANTOM_VERSION)
 
     def data_fingerprint(self) -> str:
         """Short hash of what the cached training data depends on (not the schedule)."""
         t = self.training
-        payload = {
-            "input_shape": self.input_shape,
-            "preprocessing": [s.model_dump() for s in self.preprocessing],
-            "cases": (t.train_cases, t.val_cases, t.max_nodules, t.mass_fraction),
-            "grids": (t.in_plane, t.slice_spacing),
-            "phantom_version": NODULE_PHANTOM_VERSION,
-        }
-        return short_hash(payload)
+        return data_fingerprint(
+            self,
+            cases=(t.train_cases, t.val_cases, t.max_nodules, t.mass_fraction),
+            grids=(t.in_plane, t.slice_spacing),
+            phantom_version=NODULE_PHANTOM_VERSION,
+        )
 
 
 CT_CHEST_NODULE = NoduleRecipe(

@@ -66,3 +66,29 @@ def test_the_fp_budget_threshold_is_the_most_sensitive_point_within_the_budget()
     kept = [c for c in calibrated if c >= t]
     assert kept == [0.9, 0.8, 0.7, 0.5, 0.6]
     assert fp_budget_threshold(calibrated, real, 40, 0.25) == 0.0  # budget above all false
+
+
+def test_the_critical_volume_is_chosen_on_validation_at_the_final_operating_point() -> None:
+    """Bleeds measured exactly; one normal has a 0.8 mL false finding. While that finding is
+    reported, 0.5 mL would flag 1 normal in 10 (specificity 0.90 < 0.95), so 1 mL is the
+    smallest volume the validation cases support; below the finding threshold it is not
+    reported, and 0.5 mL (the floor of the rule) is recommended."""
+    from trainers.calibrate import _Case, _Finding, critical_volume_on_validation
+    from trainers.recipes import CT_HEAD_HEMORRHAGE
+    from triage_node.detectors.manifest import CalibrationSpec
+
+    def cases(false_raw_score: float) -> list[_Case]:
+        bleeds = [_Case([_Finding(0.99, True, ml, 100, 100)], ml, 100, "intraparenchymal")
+                  for ml in (0.6, 2.0, 6.0, 20.0)]
+        normals = [_Case([]) for _ in range(9)]
+        normals.append(_Case([_Finding(false_raw_score, False, 0.8, 0, 80)]))
+        return bleeds + normals
+
+    identity = CalibrationSpec(method="platt", slope=1.0, intercept=0.0)
+    reported = critical_volume_on_validation(CT_HEAD_HEMORRHAGE, cases(0.9), identity, 0.5)
+    assert reported["recommended_critical_volume_ml"] == 1.0
+    assert (reported["bleeds"], reported["normals"]) == (4, 10)
+    by_volume = {r["critical_volume_ml"]: r for r in reported["sweep"]}
+    assert by_volume[0.5]["specificity"] == pytest.approx(0.9)
+    below = critical_volume_on_validation(CT_HEAD_HEMORRHAGE, cases(0.3), identity, 0.5)
+    assert below["recommended_critical_volume_ml"] == 0.5

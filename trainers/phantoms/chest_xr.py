@@ -567,133 +567,53 @@ def write_chest_radiograph(
     ``photometric`` ``MONOCHROME1`` stores them inverted (low values bright), as most CR/DX
     systems do. Raises ``ValueError`` naming the attribute when an input cannot be encoded.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
-
-    from trainers.phantoms.dicom import _check_text, _check_uid, _ds_number
+    from trainers.phantoms.dicom import _ds_number
+    from trainers.phantoms.projection import add_dx_image_modules, projection_dataset, save_part10
 
     if modality not in ("CR", "DX"):
         raise ValueError(f"Modality must be CR or DX, got {modality!r}")
-    if bits_stored not in (12, 14, 16):
-        raise ValueError(f"BitsStored must be 12, 14 or 16, got {bits_stored}")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"PhotometricInterpretation {photometric!r} is not greyscale")
-    if not isinstance(image, np.ndarray) or image.ndim != 2 or not np.isfinite(image).all():
-        raise ValueError("image must be a finite 2-D array [rows, columns]")
-    if not (math.isfinite(pixel_spacing_mm) and pixel_spacing_mm > 0):
-        raise ValueError(f"PixelSpacing must be positive, got {pixel_spacing_mm}")
-    for attribute, value, limit in (
-        ("PatientName", patient_name, 320),
-        ("PatientID", patient_id, 64),
-        ("AccessionNumber", accession_number, 16),
-        ("StudyDescription", study_description, 64),
-        ("SeriesDescription", series_description, 64),
-    ):
-        _check_text(attribute, value, limit)
-    _check_uid("StudyInstanceUID", study_instance_uid)
-    _check_uid("SeriesInstanceUID", series_instance_uid)
-
-    top = 2**bits_stored - 1
-    stored = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint16)
-    if photometric == "MONOCHROME1":
-        stored = (top - stored).astype(np.uint16)
-    when = study_datetime or datetime.now()
-    date, clock = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
-    sop_class = CR_IMAGE_STORAGE if modality == "CR" else DX_FOR_PRESENTATION
-    sop_uid = generate_uid()
-
-    ds = Dataset()
-    if any(not t.isascii() for t in (patient_name, study_description, series_description)):
-        ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, clock
-    # Patient (C.7.1.1)
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = patient_sex
-    # General Study (C.7.2.1)
-    ds.StudyInstanceUID = study_instance_uid or generate_uid()
-    ds.StudyDate, ds.StudyTime = date, clock
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = accession_number
-    ds.StudyDescription = study_description
-    # General Series (C.7.3.1) + CR Series (C.8.1.1) / DX Series (C.8.11.1)
-    ds.Modality = modality
-    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
-    ds.SeriesNumber = series_number
-    ds.SeriesDate, ds.SeriesTime = date, clock
-    ds.SeriesDescription = series_description
-    ds.BodyPartExamined = "CHEST"
+    ds = projection_dataset(
+        image,
+        pixel_spacing_mm,
+        sop_class=CR_IMAGE_STORAGE if modality == "CR" else DX_FOR_PRESENTATION,
+        modality=modality,
+        bits_stored=bits_stored,
+        allowed_bits=(12, 14, 16),
+        photometric=photometric,
+        patient_name=patient_name,
+        patient_id=patient_id,
+        patient_sex=patient_sex,
+        accession_number=accession_number,
+        study_description=study_description,
+        series_description=series_description,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        study_datetime=study_datetime,
+        series_number=series_number,
+        instance_number=1,
+        body_part="CHEST",
+        software_version=str(PHANTOM_VERSION),
+        kvp="120",
+    )
+    # CR Series (C.8.1.1) / DX Series (C.8.11.1); General Image: a PA view, facing the patient
     ds.ViewPosition = "PA"
     ds.PatientPosition = ""
-    # General Equipment (C.7.5.1)
-    ds.Manufacturer = "triage-node phantom"
-    ds.ManufacturerModelName = f"synthetic {modality}"
-    ds.SoftwareVersions = str(PHANTOM_VERSION)
-    # General Acquisition (C.7.10.1) / General Image (C.7.6.1)
-    ds.AcquisitionDate, ds.AcquisitionTime = date, clock
-    ds.ContentDate, ds.ContentTime = date, clock
-    ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]
-    ds.BurnedInAnnotation = "NO"
-    ds.KVP = "120"
     spacing = [_ds_number(pixel_spacing_mm), _ds_number(pixel_spacing_mm)]
-    # Image Pixel (C.7.6.3)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = int(image.shape[0]), int(image.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = stored.astype("<u2").tobytes()
-    # VOI LUT (C.11.2): a window over the image's own range, in stored-value units.
-    lo, hi = float(np.percentile(stored, 0.5)), float(np.percentile(stored, 99.5))
-    ds.WindowCenter = _ds_number((lo + hi) / 2)
-    ds.WindowWidth = _ds_number(max(hi - lo, 1.0))
     if modality == "CR":
         # CR Image (C.8.1.2): Imager Pixel Spacing at the plate; no magnification correction.
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
         ds.PixelSpacing = spacing
     else:
         # DX Series (C.8.11.1), DX Anatomy Imaged (C.8.11.2), DX Image (C.8.11.3),
-        # DX Detector (C.8.11.4), Acquisition Context (C.7.6.14).
-        ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
-        ds.PresentationIntentType = "FOR PRESENTATION"
+        # DX Detector (C.8.11.4), Acquisition Context (C.7.6.14), DX Positioning (C.8.11.5).
+        add_dx_image_modules(
+            ds,
+            region=("51185008", "Chest"),
+            view=("399348003", "Postero-anterior"),
+            detector_type="SCINTILLATOR",
+            imager_pixel_spacing=spacing,
+        )
         ds.ImageLaterality = "U"
-        region = Dataset()
-        region.CodeValue = "51185008"
-        region.CodingSchemeDesignator = "SCT"
-        region.CodeMeaning = "Chest"
-        ds.AnatomicRegionSequence = [region]
-        ds.PixelIntensityRelationship = "LOG"
-        ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME1" else 1
-        ds.RescaleIntercept = "0"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "US"
-        ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
-        ds.LossyImageCompression = "00"
-        ds.DetectorType = "SCINTILLATOR"
-        ds.ImagerPixelSpacing = spacing
-        ds.AcquisitionContextSequence = []
-        # DX Positioning (C.8.11.5)
         ds.PositionerType = ""
-        view = Dataset()
-        view.CodeValue = "399348003"
-        view.CodingSchemeDesignator = "SCT"
-        view.CodeMeaning = "Postero-anterior"
-        view.ViewModifierCodeSequence = []
-        ds.ViewCodeSequence = [view]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "TRIAGE_NODE_01"
-    ds.file_meta = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return save_part10(ds, path)

@@ -546,77 +546,36 @@ def write_mammogram(
     Stored values are unsigned ``bits_stored``-bit integers (12 or 14); ``MONOCHROME1``
     stores them inverted. Raises ``ValueError`` naming what cannot be encoded.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
-
-    from trainers.phantoms.dicom import _check_text, _check_uid, _ds_number
+    from trainers.phantoms.dicom import _ds_number
+    from trainers.phantoms.projection import add_dx_image_modules, projection_dataset, save_part10
 
     if laterality not in ("L", "R"):
         raise ValueError(f"ImageLaterality must be L or R, got {laterality!r}")
     if view not in VIEW_CODES:
         raise ValueError(f"ViewPosition must be CC or MLO, got {view!r}")
-    if bits_stored not in (12, 14):
-        raise ValueError(f"BitsStored must be 12 or 14, got {bits_stored}")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"PhotometricInterpretation {photometric!r} is not greyscale")
-    if not isinstance(image, np.ndarray) or image.ndim != 2 or not np.isfinite(image).all():
-        raise ValueError("image must be a finite 2-D array [rows, columns]")
-    if not (math.isfinite(pixel_spacing_mm) and pixel_spacing_mm > 0):
-        raise ValueError(f"PixelSpacing must be positive, got {pixel_spacing_mm}")
-    series_description = series_description or f"{laterality} {view}"
-    for attribute, value, limit in (
-        ("PatientName", patient_name, 320),
-        ("PatientID", patient_id, 64),
-        ("AccessionNumber", accession_number, 16),
-        ("StudyDescription", study_description, 64),
-        ("SeriesDescription", series_description, 64),
-    ):
-        _check_text(attribute, value, limit)
-    _check_uid("StudyInstanceUID", study_instance_uid)
-    _check_uid("SeriesInstanceUID", series_instance_uid)
-
-    top = 2**bits_stored - 1
-    stored = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint16)
-    if photometric == "MONOCHROME1":
-        stored = (top - stored).astype(np.uint16)
-    when = study_datetime or datetime.now()
-    date, clock = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
-    sop_uid = generate_uid()
-
-    ds = Dataset()
-    if any(not t.isascii() for t in (patient_name, study_description, series_description)):
-        ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = MG_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, clock
-    # Patient (C.7.1.1)
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "F"
-    # General Study (C.7.2.1)
-    ds.StudyInstanceUID = study_instance_uid or generate_uid()
-    ds.StudyDate, ds.StudyTime = date, clock
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = accession_number
-    ds.StudyDescription = study_description
-    # General Series (C.7.3.1), DX Series (C.8.11.1), Mammography Series (C.8.11.6)
-    ds.Modality = "MG"
-    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
-    ds.SeriesNumber = series_number
-    ds.SeriesDate, ds.SeriesTime = date, clock
-    ds.SeriesDescription = series_description
-    ds.BodyPartExamined = "BREAST"
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    # General Equipment (C.7.5.1)
-    ds.Manufacturer = "triage-node phantom"
-    ds.ManufacturerModelName = "synthetic MG"
-    ds.SoftwareVersions = str(PHANTOM_VERSION)
-    # General Acquisition (C.7.10.1) / General Image (C.7.6.1)
-    ds.AcquisitionDate, ds.AcquisitionTime = date, clock
-    ds.ContentDate, ds.ContentTime = date, clock
-    ds.InstanceNumber = instance_number
+    ds = projection_dataset(
+        image,
+        pixel_spacing_mm,
+        sop_class=MG_FOR_PRESENTATION,
+        modality="MG",
+        bits_stored=bits_stored,
+        allowed_bits=(12, 14),
+        photometric=photometric,
+        patient_name=patient_name,
+        patient_id=patient_id,
+        patient_sex="F",
+        accession_number=accession_number,
+        study_description=study_description,
+        series_description=series_description or f"{laterality} {view}",
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        study_datetime=study_datetime,
+        series_number=series_number,
+        instance_number=instance_number,
+        body_part="BREAST",
+        software_version=str(PHANTOM_VERSION),
+        kvp="28",
+    )
     # Patient Orientation (C.8.11.7.1.1): row direction then column direction. Chest wall on
     # the left for a left breast, so the rows run towards the nipple (anterior).
     # e.g. left CC A\\R, right MLO P\\FL (PS3.3 C.8.11.7.1.1).
@@ -624,9 +583,6 @@ def write_mammogram(
     side = "R" if laterality == "L" else "L"
     ds.PatientOrientation = [row_dir, side if view == "CC" else f"F{side}"]
     ds.ImageLaterality = laterality
-    ds.BurnedInAnnotation = "NO"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
-    ds.KVP = "28"
     ds.BodyPartThickness = "50"
     ds.CompressionForce = "100"
     ds.PositionerType = "MAMMOGRAPHIC"
@@ -637,56 +593,23 @@ def write_mammogram(
     ds.OrganExposed = "BREAST"
     ds.AnodeTargetMaterial = "TUNGSTEN"
     ds.FilterMaterial = "RHODIUM"
-    # Image Pixel (C.7.6.3)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = int(image.shape[0]), int(image.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = stored.astype("<u2").tobytes()
-    # VOI LUT (C.11.2)
-    lo, hi = float(np.percentile(stored, 0.5)), float(np.percentile(stored, 99.5))
-    ds.WindowCenter = _ds_number((lo + hi) / 2)
-    ds.WindowWidth = _ds_number(max(hi - lo, 1.0))
-    # DX Anatomy Imaged (C.8.11.2), DX Image (C.8.11.3), DX Detector (C.8.11.4)
-    region = Dataset()
-    region.CodeValue, region.CodeMeaning = BREAST_CODE
-    region.CodingSchemeDesignator = "SCT"
-    ds.AnatomicRegionSequence = [region]
-    ds.PixelIntensityRelationship = "LOG"
-    ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME1" else 1
-    ds.RescaleIntercept = "0"
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "US"
-    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
-    ds.LossyImageCompression = "00"
-    ds.DetectorType = "DIRECT"
+    # DX Series (C.8.11.1), DX Anatomy Imaged (C.8.11.2), DX Image (C.8.11.3), DX Detector
+    # (C.8.11.4), Acquisition Context; Mammography Image (C.8.11.7): View Code Sequence with
+    # an empty modifier sequence.
     spacing = [_ds_number(pixel_spacing_mm), _ds_number(pixel_spacing_mm)]
-    ds.ImagerPixelSpacing = spacing
+    add_dx_image_modules(
+        ds,
+        region=BREAST_CODE,
+        view=VIEW_CODES[view],
+        detector_type="DIRECT",
+        imager_pixel_spacing=spacing,
+    )
     ds.PixelSpacing = spacing
     ds.PixelSpacingCalibrationType = "GEOMETRY"
     ds.PixelSpacingCalibrationDescription = "phantom geometry"
-    ds.AcquisitionContextSequence = []
-    # Mammography Image (C.8.11.7): View Code Sequence with an empty modifier sequence.
-    view_item = Dataset()
-    view_item.CodeValue, view_item.CodeMeaning = VIEW_CODES[view]
-    view_item.CodingSchemeDesignator = "SCT"
-    view_item.ViewModifierCodeSequence = []
-    ds.ViewCodeSequence = [view_item]
     # View Position (DX Positioning, C.8.11.5) has no defined terms for mammography (dciodvfy
     # warns); CC/MLO there is what many modalities send and what routing and worklists read.
     ds.ViewPosition = view
     ds.BreastImplantPresent = "NO"
     ds.PartialView = "NO"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(MG_FOR_PRESENTATION)
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "TRIAGE_NODE_01"
-    ds.file_meta = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return save_part10(ds, path)
