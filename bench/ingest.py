@@ -18,7 +18,8 @@ association request to the last response, and the ratios to Orthanc and storescp
 
 First it measures what durability costs on this disk: the median ``fdatasync`` of a new
 file and ``fsync`` of its folder, the two flushes triage-node pays before each Success, and
-the ceiling they put on one association.
+the ceiling they put on one association; and what reading each header costs, on the
+receiver's fast path and with pydicom.
 
 Then 2,000 instances (4 studies) go to triage-node over 4 associations while its resident
 memory is sampled: the peak (sum over the node's processes) must stay flat, not grow with the
@@ -45,6 +46,7 @@ import numpy as np
 from deploy.demo.node import NodeProcess, write_node_config
 from deploy.demo.orthanc import LocalOrthanc, free_port
 from trainers.phantoms.dicom import write_ct_series
+from triage_node.spool.index import read_header, read_header_with_pydicom
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -213,6 +215,19 @@ def flush_costs(folder: Path, count: int = 100) -> tuple[float, float]:
     return float(np.median(files)), float(np.median(folders))
 
 
+def header_costs(files: list[Path]) -> tuple[float, float]:
+    """Median seconds to read one instance's header and index attributes, as the receiver
+    does before each Success: the fast path, and pydicom's path it falls back to."""
+    datas = [f.read_bytes() for f in files]
+    timings: dict[str, list[float]] = {"fast": [], "pydicom": []}
+    for data in datas:
+        for name, read in (("fast", read_header), ("pydicom", read_header_with_pydicom)):
+            t0 = time.perf_counter()
+            read(data)
+            timings[name].append(time.perf_counter() - t0)
+    return float(np.median(timings["fast"])), float(np.median(timings["pydicom"]))
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -243,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"storage: fdatasync of a new 512 KiB file {file_s * 1000:.2f} ms, fsync of its "
               f"folder {folder_s * 1000:.2f} ms (medians of 100) → durability alone caps one "
               f"association at {1 / (file_s + folder_s):.0f} inst/s", flush=True)
+        fast_s, pydicom_s = header_costs(files)
+        print(f"header: read from the bytes (spool/header_scan.py) {fast_s * 1000:.3f} ms, "
+              f"with pydicom {pydicom_s * 1000:.3f} ms per instance (medians over the study)",
+              flush=True)
         one = [work / "study"]
         four = split(files, 4, work / "split")
         receivers: list[Receiver] = []

@@ -243,6 +243,9 @@ def _scan(data: Received) -> ScannedHeader:
     end = len(data)
     syntax, pos = _meta(data, end)
     implicit = syntax == ImplicitVRLittleEndian
+    if implicit and pos + 6 <= end and bytes(data[pos + 4:pos + 6]).isupper() \
+            and bytes(data[pos + 4:pos + 6]).decode("ascii") in _KNOWN_VRS:
+        raise _Skip  # explicit VR under an implicit syntax: pydicom notices and adapts
     raws: list[tuple[int, str, int, int]] = []
     creators: dict[int, str] = {}
     pixel_representation: int | None = None
