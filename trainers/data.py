@@ -1,4 +1,4 @@
-"""Phantom cases for training, validation and held-out evaluation, and their on-disk cache.
+"""Phantom cases for training, validation and held-out evaluation, and filling their cache.
 
 Each case is fully determined by (split, seed, index): the split code is the first word of
 the numpy ``SeedSequence`` entropy, so training, validation, evaluation and parity phantoms
@@ -11,13 +11,10 @@ it, and masks through the matching label preprocessing.
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +23,7 @@ import torch
 from trainers.datasets import DatasetCase
 from trainers.phantoms.head_ct import BLEED_KINDS, generate_head_ct
 from trainers.recipes import DetectorRecipe, Grid
+from trainers.serial_cache import SerialCaseCache
 from triage_node.detectors.transforms import (
     apply_preprocessing,
     build_label_preprocessing,
@@ -150,76 +148,24 @@ def _worker(
     return image.astype(np.float16), target.astype(np.float16), meta
 
 
-@dataclass
-class CaseCache:
-    """Preprocessed cases of one split as float16 arrays on disk (resumable, memory-mappable).
+def _generate(
+    jobs: list[tuple[DetectorRecipe, CaseSpec | DatasetCase]], processes: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+    # spawn, not fork: forking a process that already runs torch threads can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_worker_init) as pool:
+        yield from pool.imap(_worker, jobs)
 
-    ``images.npy`` and ``targets.npy`` are (N, z, y, x); ``meta.jsonl`` has one line per
-    finished case, so an interrupted build resumes where it stopped.
-    """
 
-    directory: Path
-    count: int
-    shape: tuple[int, int, int]
-
-    @property
-    def _meta_path(self) -> Path:
-        return self.directory / "meta.jsonl"
-
-    @property
-    def _seconds_path(self) -> Path:
-        return self.directory / "build_seconds.txt"
-
-    def build_seconds(self) -> float:
-        """Wall time spent generating this cache, summed over interrupted builds."""
-        if not self._seconds_path.exists():
-            return 0.0
-        return float(self._seconds_path.read_text().strip() or 0.0)
-
-    def done(self) -> int:
-        """How many cases are already written."""
-        if not self._meta_path.exists():
-            return 0
-        return sum(1 for line in self._meta_path.read_text().splitlines() if line.strip())
-
-    def build(
-        self, recipe: DetectorRecipe, cases: Sequence[CaseSpec | DatasetCase], processes: int
-    ) -> Iterator[int]:
-        """Generate the missing cases; yields after each one (for progress bars)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        start = self.done()
-        mode = "r+" if start > 0 else "w+"
-        shape = (self.count, *self.shape)
-        images = np.lib.format.open_memmap(
-            self.directory / "images.npy", mode=mode, dtype=np.float16, shape=shape
-        )
-        targets = np.lib.format.open_memmap(
-            self.directory / "targets.npy", mode=mode, dtype=np.float16, shape=shape
-        )
-        jobs = [(recipe, case) for case in cases[start : self.count]]
-        began = time.perf_counter()
-        spent_before = self.build_seconds()
-        # spawn, not fork: forking a process that already runs torch threads can deadlock.
-        context = multiprocessing.get_context("spawn")
-        with (
-            context.Pool(processes, initializer=_worker_init) as pool,
-            self._meta_path.open("a") as meta_file,
-        ):
-            for offset, (image, target, meta) in enumerate(pool.imap(_worker, jobs)):
-                i = start + offset
-                images[i] = image
-                targets[i] = target
-                images.flush()
-                targets.flush()
-                meta_file.write(json.dumps(meta) + "\n")
-                meta_file.flush()
-                self._seconds_path.write_text(f"{spent_before + time.perf_counter() - began:.1f}\n")
-                yield i
-        del images, targets
-
-    def load(self) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """All cases in memory: images, targets (float16) and metadata."""
-        images = np.load(self.directory / "images.npy")
-        targets = np.load(self.directory / "targets.npy")
-        meta = [json.loads(line) for line in self._meta_path.read_text().splitlines() if line]
-        return images, targets, meta
+def build_cache(
+    cache: SerialCaseCache,
+    recipe: DetectorRecipe,
+    cases: Sequence[CaseSpec | DatasetCase],
+    processes: int,
+) -> Iterator[int]:
+    """Generate ``cache``'s missing cases in a pool of ``processes`` workers; yields after
+    each one (for progress bars)."""
+    cache.directory.mkdir(parents=True, exist_ok=True)
+    start = cache.done()
+    jobs = [(recipe, case) for case in cases[start : cache.count]]
+    yield from cache.fill(start, _generate(jobs, processes))

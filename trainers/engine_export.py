@@ -1,8 +1,9 @@
-"""What the exports of the per-finding 3-D recipes share: loading the trained network, the
+"""What the exports of the 3-D segmentation recipes share: loading the trained network, the
 training provenance recorded in the manifest, the segmentation manifest itself, and the
 evaluation report with its headline figures copied into that manifest.
 
-``ct-chest-nodule`` (:func:`trainers.nodules.export_nodules`) and ``mr-brain-tumor``
+``ct-head-hemorrhage`` (:func:`trainers.export.export_engine`), ``ct-chest-nodule``
+(:func:`trainers.nodules.export_nodules`) and ``mr-brain-tumor``
 (:func:`trainers.brain_tumor.export_tumour`) export with
 :func:`trainers.export.export_parity_checked` and then describe the engine with
 :func:`segmentation_manifest`, passing only what is particular to them (their case counts,
@@ -43,9 +44,9 @@ from triage_node.detectors.manifest import (
 from triage_node.results.identity import engine_device_uid
 
 if TYPE_CHECKING:
-    from trainers.recipes import NoduleRecipe, TumourRecipe
+    from trainers.recipes import DetectorRecipe, NoduleRecipe, TumourRecipe
 
-    ExportedRecipe = NoduleRecipe | TumourRecipe
+    ExportedRecipe = DetectorRecipe | NoduleRecipe | TumourRecipe
 
 
 def load_checkpoint_model(
@@ -68,7 +69,7 @@ def training_provenance(
     saved: dict[str, Any],
     out_dir: Path,
     *,
-    threads: int,
+    threads: int | None,
     cases: dict[str, Any],
     data: str,
     loss: str,
@@ -79,10 +80,11 @@ def training_provenance(
     export: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest's ``training`` record of the checkpoint ``saved`` exported to
-    ``out_dir``: schedule, ``cases`` (counts), ``data`` and ``loss`` descriptions, times,
-    final validation figures (``final`` adds to the Dice), history, what the recipe adds
-    after it (``after_history``), the export (``export`` adds to the exporter) with its
-    ``parity`` differences (whole case, reference crop), versions and the device UID."""
+    ``out_dir``: schedule, ``threads`` (left out when None), ``cases`` (counts), ``data``
+    and ``loss`` descriptions, times, final validation figures (``final`` adds to the Dice),
+    history, what the recipe adds after it (``after_history``), the export (``export`` adds
+    to the exporter) with its ``parity`` differences (whole case, reference crop), versions
+    and the device UID."""
     state, spec = saved["state"], recipe.training
     history = state["history"]
     full_diff, crop_diff = parity
@@ -93,7 +95,7 @@ def training_provenance(
         "steps": state["step"],
         "batch_size": spec.batch_size,
         "crop": list(spec.crop),
-        "threads": threads,
+        **({} if threads is None else {"threads": threads}),
         **cases,
         "data": data,
         "loss": loss,
@@ -122,7 +124,7 @@ def segmentation_manifest(
     recipe: ExportedRecipe,
     out_dir: Path,
     training: dict[str, Any],
-    postprocess: Literal["nodules", "brain_tumor"],
+    postprocess: Literal["mask", "nodules", "brain_tumor"],
 ) -> Path:
     """Write ``out_dir/manifest.json`` for the exported ``model.onnx`` (sigmoid logits, the
     recipe's labels and operating point, ``postprocess`` and the recipe's border refinement,

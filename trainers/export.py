@@ -9,31 +9,21 @@ than the tolerance, on that crop or on a whole network-grid input.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import tempfile
-from dataclasses import asdict
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
-from trainers.data import CaseCache, CaseSpec, preprocess_case
+from trainers.data import CaseSpec, preprocess_case
 from trainers.recipes import DetectorRecipe
+from trainers.serial_cache import SerialCaseCache
 from triage_node.detectors.engines.ort import OnnxRuntimeEngine
-from triage_node.detectors.manifest import (
-    EngineFileSpec,
-    InputSpec,
-    Manifest,
-    OutputSpec,
-    ParitySpec,
-    sha256_of,
-)
-from triage_node.results.identity import engine_device_uid
+from triage_node.detectors.manifest import Manifest
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
@@ -44,23 +34,6 @@ ENGINE_FILE = "model.onnx"
 WEIGHTS_FILE = "model.pt"
 PARITY_INPUT = "parity_input.npy"
 PARITY_OUTPUT = "parity_output.npy"
-
-
-def load_trained_model(
-    recipe: DetectorRecipe, checkpoint_path: Path
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network from a training checkpoint, in eval mode, and the checkpoint itself."""
-    if not checkpoint_path.is_file():
-        raise SystemExit(
-            f"no checkpoint at {checkpoint_path}: run `python -m trainers train` first"
-        )
-    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if saved.get("recipe") != recipe.name:
-        raise SystemExit(f"{checkpoint_path} is a {saved.get('recipe')!r} checkpoint")
-    model = recipe.network.build()
-    model.load_state_dict(saved["model"])
-    model.eval()
-    return model, saved
 
 
 def _versions() -> dict[str, str]:
@@ -158,11 +131,19 @@ def export_engine(
     recipe: DetectorRecipe, checkpoint_path: Path, out_dir: Path, *, seed: int
 ) -> Path:
     """Export the checkpoint to ``out_dir`` and return the written manifest's path."""
-    model, saved = load_trained_model(recipe, checkpoint_path)
+    # trainers.engine_export builds on this module (its constants, ``_versions`` and
+    # ``write_manifest``), so it is imported here rather than at the top.
+    from trainers.engine_export import (
+        load_checkpoint_model,
+        segmentation_manifest,
+        training_provenance,
+    )
+
+    model, saved = load_checkpoint_model(recipe, checkpoint_path)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     image, target, _ = preprocess_case(recipe, _parity_case(recipe, seed))
-    full_diff, crop_diff = export_parity_checked(model, image, target, out_dir)
+    parity = export_parity_checked(model, image, target, out_dir)
 
     state = saved["state"]
     data = saved["data"]
@@ -173,24 +154,22 @@ def export_engine(
     if saved.get("dataset"):
         cache_fp = f"{cache_fp}-dataset-{saved['dataset']}"
     caches = [
-        CaseCache(checkpoint_path.parent / "cache" / f"{split}-{cache_fp}", 0, (0, 0, 0))
+        SerialCaseCache(checkpoint_path.parent / "cache" / f"{split}-{cache_fp}", 0, (0, 0, 0))
         for split in ("train", "val")
     ]
-    data_seconds = sum(c.build_seconds() for c in caches) or float(state["data_seconds"])
-    history = state["history"]
     spec = recipe.training
-    training: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        "seed": saved["seed"],
-        "epochs": state["epoch"],
-        "steps": state["step"],
-        "batch_size": spec.batch_size,
-        "crop": list(spec.crop),
-        "train_cases": data["train_cases"],
-        "train_bleed_cases": data["train_bleeds"],
-        "val_cases": data["val_cases"],
-        "data_source": source,
-        "data": (
+    training = training_provenance(
+        recipe,
+        saved,
+        out_dir,
+        threads=None,
+        cases={
+            "train_cases": data["train_cases"],
+            "train_bleed_cases": data["train_bleeds"],
+            "val_cases": data["val_cases"],
+            "data_source": source,
+        },
+        data=(
             "procedural head-CT phantoms (trainers/phantoms/head_ct.py) generated on random "
             "acquisition grids and passed through this manifest's preprocessing; "
             f"bleeds in {spec.bleed_fraction:.0%} of cases, log-uniform "
@@ -200,46 +179,11 @@ def export_engine(
             else f"the site dataset {source} (manifest fingerprint {saved.get('dataset')}): "
             f"its train and validation cases, passed through this manifest's preprocessing"
         ),
-        "loss": "DiceCELoss(sigmoid=True, batch=True), soft (area-resized) targets",
-        "optimizer": f"AdamW lr {spec.learning_rate} + OneCycleLR",
-        "network": {"class": "monai.networks.nets.UNet", **asdict(recipe.network), "norm": "batch"},
-        "train_minutes": round(state["train_seconds"] / 60.0, 2),
-        "data_minutes": round(data_seconds / 60.0, 2),
-        "final_val_dice": history[-1].get("val_dice") if history else None,
-        "history": history,
-        "weights": WEIGHTS_FILE,
-        "export": {
-            "exporter": "torch.onnx.export(dynamo=True), dynamic spatial axes",
-            "parity_max_abs_diff_full": full_diff,
-            "parity_max_abs_diff_reference": crop_diff,
-        },
-        "versions": _versions(),
-        # Changes with every trained version (derived from the engine file's sha256).
-        "device_uid": str(engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))),
-    }
-    manifest = Manifest(
-        name=recipe.name,
-        version=recipe.version,
-        description=recipe.description,
-        modalities=list(recipe.modalities),
-        input=InputSpec(name="image", shape=recipe.input_shape),
-        preprocessing=list(recipe.preprocessing),
-        output=OutputSpec(name="logits", activation="sigmoid"),
-        labels=list(recipe.labels),
-        probability_threshold=recipe.probability_threshold,
-        min_component_ml=recipe.min_component_ml,
-        refine=recipe.refine,
-        engine=EngineFileSpec(
-            path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
-        ),
-        parity=ParitySpec(
-            input_path=PARITY_INPUT, output_path=PARITY_OUTPUT, tolerance=PARITY_TOLERANCE
-        ),
-        training=training,
+        loss="DiceCELoss(sigmoid=True, batch=True), soft (area-resized) targets",
+        data_seconds=sum(c.build_seconds() for c in caches) or float(state["data_seconds"]),
+        parity=parity,
     )
-    manifest_path = out_dir / "manifest.json"
-    write_manifest(manifest, manifest_path)
-    return manifest_path
+    return segmentation_manifest(recipe, out_dir, training, "mask")
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from monai.losses import DiceCELoss
 from rich.console import Console
 
-from trainers.data import CaseCache, CaseSpec, training_case
+from trainers.data import CaseSpec, build_cache, training_case
 from trainers.datasets import DatasetCase, DatasetManifest
 from trainers.loop import (
     CHECKPOINT,
@@ -29,6 +29,7 @@ from trainers.loop import (
 from trainers.loop import atomic_save as _atomic_save
 from trainers.loop import progress_bar as _progress
 from trainers.recipes import DetectorRecipe
+from trainers.serial_cache import SerialCaseCache
 
 # CHECKPOINT, resume, _atomic_save and _progress are re-exported for trainers.classification.
 __all__ = [
@@ -50,7 +51,7 @@ def build_caches(
     processes: int,
     console: Console,
     dataset: DatasetManifest | None = None,
-) -> tuple[CaseCache, CaseCache, float]:
+) -> tuple[SerialCaseCache, SerialCaseCache, float]:
     """Generate (or finish) the training and validation caches; also their build seconds.
 
     With ``dataset`` the caches hold its ``train`` and ``validation`` cases instead of
@@ -67,8 +68,8 @@ def build_caches(
         )
         counts = (len(user_cases[0]), len(user_cases[1]))
     caches = (
-        CaseCache(run_dir / "cache" / f"train-{fp}", counts[0], recipe.input_shape),
-        CaseCache(run_dir / "cache" / f"val-{fp}", counts[1], recipe.input_shape),
+        SerialCaseCache(run_dir / "cache" / f"train-{fp}", counts[0], recipe.input_shape),
+        SerialCaseCache(run_dir / "cache" / f"val-{fp}", counts[1], recipe.input_shape),
     )
     with progress_bar(console) as progress:
         for k, (split, cache) in enumerate(zip(("train", "val"), caches, strict=True)):
@@ -85,7 +86,7 @@ def build_caches(
                 completed=cache.done(),
                 status="",
             )
-            for _ in cache.build(recipe, cases, processes):
+            for _ in build_cache(cache, recipe, cases, processes):
                 progress.advance(task)
     # Generation time as recorded by the caches, so a resumed or re-run training still
     # reports what the data cost to make.
