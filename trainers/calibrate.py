@@ -14,19 +14,23 @@ of findings (FROC, worklist order) is unchanged because the map is increasing. T
 point is chosen on the same validation findings: ``finding_threshold`` is the highest
 calibrated score that keeps 95 % of the true findings (nodules: the lowest score that leaves
 at most 0.25 false findings per scan, a point of the FROC curve), and findings below it are
-not reported. For a bleed detector the same validation cases, with only the findings above
-that threshold, also choose the recommended critical volume (``training.finding_calibration
-.critical_volume``; the rule of :func:`trainers.evaluate.recommend_critical_volume`), so the
-held-out evaluation measures the flag at a volume it did not choose.
+not reported.
+
+For a bleed detector ``calibrate`` also chooses the recommended critical volume, at that final
+operating point, on validation phantoms drawn like the held-out set (the recipe's realistic
+acquisition grids, bleed sizes log-spaced over every kind, normals with decoys) but from the
+validation split: ``training.finding_calibration.critical_volume`` in the manifest, with the
+rule of :func:`trainers.evaluate.recommend_critical_volume`. The held-out evaluation then
+measures the flag at a volume it did not choose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -38,6 +42,9 @@ from triage_node.detectors.manifest import CalibrationSpec, load_manifest
 from triage_node.detectors.nodules import NoduleDetector
 from triage_node.detectors.segmentation import SegmentationDetector, score_logit
 
+if TYPE_CHECKING:
+    from trainers.data import CaseSpec
+
 #: Validation phantoms used when ``--cases`` is not given.
 DEFAULT_CASES = 60
 #: Share of the true validation findings the finding threshold keeps: the operating point
@@ -48,6 +55,8 @@ NODULE_FP_PER_SCAN = 0.25
 #: Validation indices start here, past the ones training monitored (``val_cases``), so
 #: calibration data are phantoms the training loop never looked at.
 FIRST_INDEX = 1000
+#: Indices of the validation phantoms that choose the critical volume (past FIRST_INDEX's).
+CRITICAL_VOLUME_FIRST_INDEX = 2000
 
 
 def smoothed_targets(labels: np.ndarray) -> np.ndarray:
@@ -113,82 +122,22 @@ def brier(probabilities: list[float], real: list[bool]) -> float:
     return float(np.mean((p - y) ** 2)) if p.size else float("nan")
 
 
-@dataclass(frozen=True)
-class _Finding:
-    raw_score: float
-    real: bool
-    volume_ml: float = 0.0
-    overlap_voxels: int = 0
-    voxels: int = 0
-
-
-@dataclass(frozen=True)
-class _Case:
-    findings: list[_Finding]
-    true_ml: float = 0.0
-    true_voxels: int = 0
-    kind: str = "normal"
-
-
 def _head_findings(recipe: DetectorRecipe, detector: SegmentationDetector, index: int,
-                   seed: int) -> _Case:
+                   seed: int) -> list[tuple[float, bool]]:
     from trainers.data import training_case
     from trainers.evaluate import _phantom_volume
 
     case = training_case(recipe, "val", seed, index)
     hu, truth, info = case.generate()
     result = detector.run(_phantom_volume(hu, info, index))
-    findings = []
-    for f in result.findings:
-        overlap = int(np.count_nonzero(f.mask & truth)) if f.mask is not None else 0
-        findings.append(_Finding(
-            float(f.measurements["raw_score"]), overlap > 0, float(f.volume_ml or 0.0),
-            overlap, int(np.count_nonzero(f.mask)) if f.mask is not None else 0))
-    return _Case(findings, float(info["bleed_ml"]), int(np.count_nonzero(truth)),
-                 info["bleed_kind"] or "normal")
-
-
-def critical_volume_on_validation(recipe: DetectorRecipe, cases: list[_Case],
-                                  spec: CalibrationSpec, threshold: float) -> dict[str, Any]:
-    """The critical volume the validation phantoms support, at the final operating point.
-
-    Each validation case becomes an evaluation row with only the findings the node would
-    report (calibrated score at or above ``finding_threshold``); the sweep and the rule are
-    :func:`trainers.evaluate.recommend_critical_volume`'s, so the held-out evaluation then
-    measures a value it did not choose.
-    """
-    from trainers.evaluate import recommend_critical_volume, summarise
-
-    rows = []
-    for case in cases:
-        kept = [f for f in case.findings
-                if spec.probability(score_logit(f.raw_score)) >= threshold]
-        voxels = sum(f.voxels for f in kept)
-        rows.append({
-            "kind": case.kind,
-            "true_ml": case.true_ml,
-            "pred_ml": sum(f.volume_ml for f in kept),
-            "dice": (2.0 * sum(f.overlap_voxels for f in kept) / (voxels + case.true_voxels)
-                     if case.true_voxels else None),
-            "score": max((spec.probability(score_logit(f.raw_score)) for f in kept),
-                         default=0.0),
-        })
-    metrics = summarise(rows, recipe, recipe.evaluation.critical_sweep_ml[0])
-    return {
-        "recommended_critical_volume_ml": recommend_critical_volume(metrics, rows),
-        "bleeds": metrics["counts"]["bleeds"],
-        "normals": metrics["counts"]["normals"],
-        "sweep": [
-            {"critical_volume_ml": row["critical_volume_ml"],
-             "sensitivity_ge_min_ml": row["sensitivity_ge_min_ml"]["value"],
-             "specificity": row["specificity"]["value"]}
-            for row in metrics["critical_volume_sweep"]
-        ],
-    }
+    return [
+        (float(f.measurements["raw_score"]), bool(f.mask is not None and (f.mask & truth).any()))
+        for f in result.findings
+    ]
 
 
 def _nodule_findings(recipe: NoduleRecipe, detector: SegmentationDetector, index: int,
-                     seed: int) -> _Case:
+                     seed: int) -> list[tuple[float, bool]]:
     from trainers.evaluate import _phantom_volume
     from trainers.nodules import _match, _reference_nodules, training_case
 
@@ -203,8 +152,59 @@ def _nodule_findings(recipe: NoduleRecipe, detector: SegmentationDetector, index
         [f.mask for f in result.findings if f.mask is not None],
         [np.array(f.centroid_mm or (0.0, 0.0, 0.0)) for f in result.findings],
     )
-    return _Case([_Finding(float(f.measurements["raw_score"]), hit > 0)
-                  for f, hit in zip(result.findings, hits, strict=True)])
+    return [(float(f.measurements["raw_score"]), hit > 0)
+            for f, hit in zip(result.findings, hits, strict=True)]
+
+
+def critical_volume_cases(recipe: DetectorRecipe, seed: int) -> list[CaseSpec]:
+    """Validation phantoms drawn like the held-out ones: the same grids, bleed sizes and kinds,
+    other anatomy, bleeds and decoys (the validation split, from CRITICAL_VOLUME_FIRST_INDEX)."""
+    from trainers.data import evaluation_cases
+
+    return [dataclasses.replace(case, split="val", index=CRITICAL_VOLUME_FIRST_INDEX + case.index)
+            for case in evaluation_cases(recipe, seed)]
+
+
+def _head_row(detector: SegmentationDetector, case: CaseSpec) -> dict[str, Any]:
+    """An evaluation row (see :func:`trainers.evaluate.summarise`) for one phantom."""
+    from trainers.evaluate import _phantom_volume
+
+    hu, truth, info = case.generate()
+    result = detector.run(_phantom_volume(hu, info, case.index))
+    predicted = np.zeros(truth.shape, bool)
+    for finding in result.findings:
+        if finding.mask is not None:
+            predicted |= finding.mask
+    total = int(predicted.sum()) + int(truth.sum())
+    overlap = int(np.count_nonzero(predicted & truth))
+    return {
+        "kind": info["bleed_kind"] or "normal",
+        "true_ml": float(info["bleed_ml"]),
+        "pred_ml": sum(f.volume_ml or 0.0 for f in result.findings),
+        "dice": (2.0 * overlap / total if total else 1.0) if truth.any() else None,
+        "score": max((f.score for f in result.findings), default=0.0),
+    }
+
+
+def critical_volume_on_validation(recipe: DetectorRecipe,
+                                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The critical volume validation rows support, and the sweep it was chosen from."""
+    from trainers.evaluate import recommend_critical_volume, summarise
+
+    metrics = summarise(rows, recipe, recipe.evaluation.critical_sweep_ml[0])
+    return {
+        "recommended_critical_volume_ml": recommend_critical_volume(metrics, rows),
+        "bleeds": metrics["counts"]["bleeds"],
+        "normals": metrics["counts"]["normals"],
+        "indices": f"val split, {CRITICAL_VOLUME_FIRST_INDEX}–"
+                   f"{CRITICAL_VOLUME_FIRST_INDEX + len(rows) - 1}, held-out grids and sizes",
+        "sweep": [
+            {"critical_volume_ml": row["critical_volume_ml"],
+             "sensitivity_ge_min_ml": row["sensitivity_ge_min_ml"]["value"],
+             "specificity": row["specificity"]["value"]}
+            for row in metrics["critical_volume_sweep"]
+        ],
+    }
 
 
 def calibrate_findings(
@@ -228,18 +228,17 @@ def calibrate_findings(
         detector = SegmentationDetector(manifest_path, threads=threads)
     detector.manifest = uncalibrated
     started = time.perf_counter()
-    validation: list[_Case] = []
+    pairs: list[tuple[float, bool]] = []
     for k in range(cases):
         index = FIRST_INDEX + k
         if isinstance(recipe, NoduleRecipe):
-            validation.append(_nodule_findings(recipe, detector, index, seed))
+            pairs += _nodule_findings(recipe, detector, index, seed)
         else:
-            validation.append(_head_findings(recipe, detector, index, seed))
+            pairs += _head_findings(recipe, detector, index, seed)
         if (k + 1) % 10 == 0:
-            found = sum(len(c.findings) for c in validation)
-            console.log(f"calibration phantoms {k + 1}/{cases}: {found} findings")
-    scores = [f.raw_score for c in validation for f in c.findings]
-    real = [f.real for c in validation for f in c.findings]
+            console.log(f"calibration phantoms {k + 1}/{cases}: {len(pairs)} findings")
+    scores = [s for s, _ in pairs]
+    real = [r for _, r in pairs]
     spec = fit_finding_calibration(scores, real)
     calibrated = [spec.probability(score_logit(s)) for s in scores]
     if isinstance(recipe, NoduleRecipe):
@@ -251,11 +250,11 @@ def calibrate_findings(
         threshold = finding_threshold(calibrated, real, target)
         rule = f"keeps {target:.0%} of the true validation findings"
     kept = [c >= threshold for c in calibrated]
-    record = {
+    record: dict[str, Any] = {
         "method": "platt, smoothed targets",
         "split": f"val, seed {seed}, indices {FIRST_INDEX}–{FIRST_INDEX + cases - 1}",
         "cases": cases,
-        "findings": len(scores),
+        "findings": len(pairs),
         "true_findings": int(sum(real)),
         "false_findings": int(len(real) - sum(real)),
         "slope": round(spec.slope, 6),
@@ -269,8 +268,13 @@ def calibrate_findings(
         "seconds": round(time.perf_counter() - started, 1),
     }
     if not isinstance(recipe, NoduleRecipe):
-        record["critical_volume"] = critical_volume_on_validation(recipe, validation, spec,
-                                                                  threshold)
+        # At the final operating point: the detector now reports what the node will report.
+        detector.manifest = uncalibrated.model_copy(
+            update={"finding_calibration": spec, "finding_threshold": threshold})
+        rows = [_head_row(detector, case) for case in critical_volume_cases(recipe, seed)]
+        record["critical_volume"] = critical_volume_on_validation(recipe, rows)
+        console.log(f"critical volume on {len(rows)} validation phantoms: "
+                    f"{record['critical_volume']['recommended_critical_volume_ml']} mL")
     fresh = load_manifest(manifest_path, verify=True)
     training = {**fresh.training, "finding_calibration": record}
     write_manifest(

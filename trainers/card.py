@@ -17,16 +17,22 @@ from triage_node.detectors.manifest import Manifest, load_manifest
 
 def critical_volume_rule(training: dict[str, Any], report: dict[str, Any]) -> str:
     """How the recommended critical volume was chosen, in words, with the data it came from."""
-    rule = ("the smallest swept value (≥ 0.5 mL) whose specificity is at least 0.95 and which "
-            "stays above every false-positive volume seen on a normal, inflated by the mean "
-            "absolute volume error (any acute bleed is urgent, but a few dozen normals cannot "
-            "pin specificity down, so the threshold keeps a margin over the false alarms "
-            "observed)")
+    rule = ("the smallest swept value (≥ 0.5 mL) whose specificity and sensitivity (bleeds "
+            "≥ 5 mL) are both at least 0.95, preferring one that stays above every "
+            "false-positive volume seen on a normal inflated by the mean absolute volume error "
+            "(any acute bleed is urgent, but a few dozen normals cannot pin specificity down, "
+            "so the threshold keeps that margin over the false alarms observed when it can "
+            "without losing sensitivity)")
     chosen = (training.get("finding_calibration") or {}).get("critical_volume")
     if report.get("recommended_critical_volume_from") == "validation" and chosen:
-        return (f"chosen on the validation phantoms of `calibrate` ({chosen['bleeds']} bleeds, "
-                f"{chosen['normals']} normals; never the held-out set): {rule}; the held-out "
-                "sweep below measures it.")
+        at = next((r for r in chosen["sweep"] if r["critical_volume_ml"]
+                   == chosen["recommended_critical_volume_ml"]), None)
+        there = (f" (there: sensitivity {at['sensitivity_ge_min_ml']:.2f}, specificity "
+                 f"{at['specificity']:.2f})" if at else "")
+        return (f"chosen by `calibrate` on {chosen['bleeds']} bleeds and {chosen['normals']} "
+                "normals of the validation split drawn like the held-out set (the same grids, "
+                "sizes and kinds; other phantoms), after the finding threshold"
+                f"{there}: {rule}; the held-out sweep below measures it.")
     return ("chosen on the held-out sweep below (run `calibrate` to choose it on validation): "
             f"{rule}.")
 

@@ -171,27 +171,45 @@ def summarise(
 
 
 def recommend_critical_volume(
-    metrics: dict[str, Any], rows: list[dict[str, Any]], target_specificity: float = 0.95
+    metrics: dict[str, Any], rows: list[dict[str, Any]], target_specificity: float = 0.95,
+    target_sensitivity: float = 0.95,
 ) -> float:
-    """The critical volume this evaluation supports (mL).
+    """The critical volume these cases support (mL).
 
-    Any acute bleed matters, so the flag should fire as early as false alarms allow: the
-    smallest swept volume, at least 0.5 mL (the smallest held-out bleed), whose specificity
-    meets the target *and* that stays above every false-positive volume seen on a normal
-    even when that volume is measured with the typical volume error — 25 normals cannot pin
-    specificity down, so the threshold keeps that margin over the observed false alarms.
+    Any acute bleed matters, so the flag should fire as early as false alarms allow: among the
+    swept volumes of at least 0.5 mL whose specificity and sensitivity (bleeds at least the
+    recipe's ``sensitivity_min_ml``) both meet their targets, the smallest that also stays
+    above every false-positive volume seen on a normal when that volume is measured with the
+    typical volume error — a few dozen normals cannot pin specificity down, so the threshold
+    keeps that margin over the observed false alarms when it can without losing sensitivity;
+    else the smallest that meets both targets; when none does, the one with the highest
+    sensitivity + specificity (the smaller on ties).
     """
     error = metrics["volume_error_detected"]["mean_absolute_relative"] or 0.0
     margin = 1.0 + float(error)
     false_positive_ml = [r["pred_ml"] for r in rows if r["true_ml"] == 0 and r["pred_ml"] > 0]
-    for row in metrics["critical_volume_sweep"]:
+    sweep = [row for row in metrics["critical_volume_sweep"]
+             if float(row["critical_volume_ml"]) >= 0.5]
+    if not sweep:
+        return float(metrics["critical_volume_sweep"][-1]["critical_volume_ml"])
+
+    def value(row: dict[str, Any], key: str) -> float:
+        v = row[key]["value"]
+        return float(v) if v is not None else 0.0
+
+    meeting = [row for row in sweep
+               if value(row, "specificity") >= target_specificity
+               and value(row, "sensitivity_ge_min_ml") >= target_sensitivity]
+    for row in meeting:
         v = float(row["critical_volume_ml"])
-        spec = row["specificity"]["value"]
-        if v < 0.5 or spec is None or spec < target_specificity:
-            continue
         if all(fp * margin <= v for fp in false_positive_ml if fp < v):
             return v
-    return float(metrics["critical_volume_sweep"][-1]["critical_volume_ml"])
+    if meeting:
+        return float(meeting[0]["critical_volume_ml"])
+    best = max(sweep, key=lambda row: (value(row, "specificity")
+                                       + value(row, "sensitivity_ge_min_ml"),
+                                       -float(row["critical_volume_ml"])))
+    return float(best["critical_volume_ml"])
 
 
 def _recommended_critical_volume(training: dict[str, Any], metrics: dict[str, Any],
