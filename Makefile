@@ -103,13 +103,13 @@ engine-mr-brain-tumor: install
 	$(PY) -m trainers card mr-brain-tumor
 
 # Regenerate the committed mg-mass engine, its evaluation and its model card
-# (about 20 min on one thread; resumes from trainers/runs/ when interrupted).
+# (about 70 min on one thread; resumes from trainers/runs/ when interrupted).
 engine-mg-mass: install
 	$(PY) -m trainers train mg-mass --threads 1
 	$(PY) -m trainers evaluate mg-mass --threads 1
 	$(PY) -m trainers card mg-mass
 
-# All five engines, one after the other (about 2.5 hours on one thread).
+# All five engines, one after the other (about 3.3 hours on one thread).
 engines: engine-ct-head-hemorrhage engine-ct-chest-nodule engine-mr-brain-tumor \
 	engine-cxr-pneumothorax engine-mg-mass
 

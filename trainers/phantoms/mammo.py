@@ -4,7 +4,7 @@ The image is in *display* sense (MONOCHROME2: brighter is more attenuating), sca
 on the requested matrix. The anatomy is drawn from the generator first, in physical units
 (millimetres over a field of view whose height is drawn in 210–250 mm), and its smooth fields
 are made on a fixed 1 mm grid then resampled, so a seed gives the same breast on any matrix
-(320 × 256 for training, 2560 × 2048 at about 0.09 mm for the speed benchmark); only the
+(480 × 384 for training, 2560 × 2048 at about 0.09 mm for the speed benchmark); only the
 quantum noise and the finest detail depend on the grid.
 
 What is drawn:
