@@ -41,14 +41,11 @@ from triage_node.spool.store import SpooledFile
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
 
-_BINARY_VRS = BINARY_VRS
-_MAX_VALUE_CHARS = MAX_VALUE_CHARS
-
 
 def _plain(value: Any) -> str | list[str]:
     if isinstance(value, MultiValue | list | tuple):
-        return [str(v)[:_MAX_VALUE_CHARS] for v in value]
-    return str(value)[:_MAX_VALUE_CHARS]
+        return [str(v)[:MAX_VALUE_CHARS] for v in value]
+    return str(value)[:MAX_VALUE_CHARS]
 
 
 def converted_attribute(ds: Dataset, tag: int) -> tuple[str, str | list[str]] | None:
@@ -57,7 +54,7 @@ def converted_attribute(ds: Dataset, tag: int) -> tuple[str, str | list[str]] | 
         elem = ds[tag]
     except Exception:  # noqa: BLE001 - a malformed element must not stop indexing
         return None
-    if elem.VR in _BINARY_VRS or elem.tag.group == 0x7FE0:
+    if elem.VR in BINARY_VRS or elem.tag.group == 0x7FE0:
         return None
     key = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
     try:
@@ -99,14 +96,14 @@ def header_attributes(ds: Dataset) -> dict[str, str | list[str]]:
                 vr = None
         fast = (encoding is not None and isinstance(raw, RawDataElement)
                 and raw.value is not None and vr is not None and vr != "UN"
-                and (vr in TEXT_VRS or vr in NUMERIC_VRS or vr in _BINARY_VRS))
+                and (vr in TEXT_VRS or vr in NUMERIC_VRS or vr in BINARY_VRS))
         if not fast:
             converted = converted_attribute(ds, tag)
             if converted is not None:
                 attrs[converted[0]] = converted[1]
             continue
         assert isinstance(raw, RawDataElement) and vr is not None and encoding is not None
-        if vr in _BINARY_VRS:
+        if vr in BINARY_VRS:
             continue
         try:
             assert raw.value is not None
