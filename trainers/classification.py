@@ -53,6 +53,8 @@ from trainers.export import (
     PARITY_TOLERANCE,
     WEIGHTS_FILE,
     _versions,
+    exported_device_uid,
+    exported_engine_files,
     write_manifest,
 )
 from trainers.recipes import CamClassifier, ClassifierRecipe
@@ -61,16 +63,12 @@ from triage_node.detectors.engines.ort import OnnxRuntimeEngine
 from triage_node.detectors.manifest import (
     CalibrationSpec,
     ClassificationSpec,
-    EngineFileSpec,
     InputSpec,
     Manifest,
     OutputSpec,
-    ParitySpec,
     load_manifest,
-    sha256_of,
 )
 from triage_node.detectors.transforms import apply_preprocessing, build_preprocessing
-from triage_node.results.identity import engine_device_uid
 
 EVALUATION_FILE = "evaluation.json"
 #: The chest phantom, the default of :class:`RadiographCase` (older callers and caches).
@@ -652,8 +650,7 @@ def export_classifier(
         "history": history,
         "validation": val_summary,
         "weights": WEIGHTS_FILE,
-        # Changes with every trained version (derived from the engine file's sha256).
-        "device_uid": str(engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))),
+        "device_uid": exported_device_uid(recipe.name, out_dir),
         "export": {
             "exporter": "torch.onnx.export(dynamo=True), static input "
             f"1×1×{recipe.input_shape[1]}×{recipe.input_shape[2]}",
@@ -673,12 +670,7 @@ def export_classifier(
         output=OutputSpec(name="class_logit_map", activation="none"),
         labels=[recipe.label],
         probability_threshold=threshold,
-        engine=EngineFileSpec(
-            path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
-        ),
-        parity=ParitySpec(
-            input_path=PARITY_INPUT, output_path=PARITY_OUTPUT, tolerance=PARITY_TOLERANCE
-        ),
+        **exported_engine_files(out_dir),
         training=training,
         classification=ClassificationSpec(
             head_bias=_head_bias(model),

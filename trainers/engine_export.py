@@ -23,25 +23,18 @@ import torch
 
 from trainers.evaluate import EVALUATION_FILE
 from trainers.export import (
-    ENGINE_FILE,
-    OPSET,
-    PARITY_INPUT,
-    PARITY_OUTPUT,
-    PARITY_TOLERANCE,
     WEIGHTS_FILE,
     _versions,
+    exported_device_uid,
+    exported_engine_files,
     write_manifest,
 )
 from triage_node.detectors.manifest import (
-    EngineFileSpec,
     InputSpec,
     Manifest,
     OutputSpec,
-    ParitySpec,
     load_manifest,
-    sha256_of,
 )
-from triage_node.results.identity import engine_device_uid
 
 if TYPE_CHECKING:
     from trainers.recipes import DetectorRecipe, NoduleRecipe, TumourRecipe
@@ -115,8 +108,7 @@ def training_provenance(
             "parity_max_abs_diff_reference": crop_diff,
         },
         "versions": _versions(),
-        # Changes with every trained version (derived from the engine file's sha256).
-        "device_uid": str(engine_device_uid(recipe.name, sha256_of(out_dir / ENGINE_FILE))),
+        "device_uid": exported_device_uid(recipe.name, out_dir),
     }
 
 
@@ -143,12 +135,7 @@ def segmentation_manifest(
         min_component_ml=recipe.min_component_ml,
         postprocess=postprocess,
         refine=getattr(recipe, "refine", None),
-        engine=EngineFileSpec(
-            path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE), opset=OPSET
-        ),
-        parity=ParitySpec(
-            input_path=PARITY_INPUT, output_path=PARITY_OUTPUT, tolerance=PARITY_TOLERANCE
-        ),
+        **exported_engine_files(out_dir),
         training=training,
     )
     manifest_path = out_dir / "manifest.json"

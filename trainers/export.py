@@ -14,6 +14,7 @@ import os
 import tempfile
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,7 +24,8 @@ from trainers.data import CaseSpec, preprocess_case
 from trainers.recipes import DetectorRecipe
 from trainers.serial_cache import SerialCaseCache
 from triage_node.detectors.engines.ort import OnnxRuntimeEngine
-from triage_node.detectors.manifest import Manifest
+from triage_node.detectors.manifest import EngineFileSpec, Manifest, ParitySpec, sha256_of
+from triage_node.results.identity import engine_device_uid
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
@@ -184,6 +186,23 @@ def export_engine(
         parity=parity,
     )
     return segmentation_manifest(recipe, out_dir, training, "mask")
+
+
+def exported_engine_files(out_dir: Path) -> dict[str, Any]:
+    """The manifest's ``engine`` and ``parity`` entries for the engine exported to ``out_dir``
+    (every exporter writes the same files: ``model.onnx`` and the parity arrays)."""
+    return {
+        "engine": EngineFileSpec(path=ENGINE_FILE, sha256=sha256_of(out_dir / ENGINE_FILE),
+                                 opset=OPSET),
+        "parity": ParitySpec(input_path=PARITY_INPUT, output_path=PARITY_OUTPUT,
+                             tolerance=PARITY_TOLERANCE),
+    }
+
+
+def exported_device_uid(name: str, out_dir: Path) -> str:
+    """The Device UID of the engine exported to ``out_dir``: it changes with every trained
+    version (derived from the engine file's sha256)."""
+    return str(engine_device_uid(name, sha256_of(out_dir / ENGINE_FILE)))
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
