@@ -166,24 +166,12 @@ def critical_volume_cases(recipe: DetectorRecipe, seed: int) -> list[CaseSpec]:
 
 
 def _head_row(detector: SegmentationDetector, case: CaseSpec) -> dict[str, Any]:
-    """An evaluation row (see :func:`trainers.evaluate.summarise`) for one phantom."""
-    from trainers.evaluate import _phantom_volume
+    """An evaluation row (see :func:`trainers.evaluate.case_row`) for one phantom."""
+    from trainers.evaluate import _phantom_volume, case_row
 
     hu, truth, info = case.generate()
-    result = detector.run(_phantom_volume(hu, info, case.index))
-    predicted = np.zeros(truth.shape, bool)
-    for finding in result.findings:
-        if finding.mask is not None:
-            predicted |= finding.mask
-    total = int(predicted.sum()) + int(truth.sum())
-    overlap = int(np.count_nonzero(predicted & truth))
-    return {
-        "kind": info["bleed_kind"] or "normal",
-        "true_ml": float(info["bleed_ml"]),
-        "pred_ml": sum(f.volume_ml or 0.0 for f in result.findings),
-        "dice": (2.0 * overlap / total if total else 1.0) if truth.any() else None,
-        "score": max((f.score for f in result.findings), default=0.0),
-    }
+    volume = _phantom_volume(hu, info, case.index)
+    return case_row(detector.run(volume), volume, truth, info)
 
 
 def critical_volume_on_validation(recipe: DetectorRecipe,

@@ -18,7 +18,8 @@ from triage_node.detectors.manifest import Manifest, load_manifest
 def critical_volume_rule(training: dict[str, Any], report: dict[str, Any]) -> str:
     """How the recommended critical volume was chosen, in words, with the data it came from."""
     rule = ("the smallest swept value (≥ 0.5 mL) whose specificity and sensitivity (bleeds "
-            "≥ 5 mL) are both at least 0.95, preferring one that stays above every "
+            f"≥ {report['metrics']['sensitivity_min_ml']:g} mL) are both at least 0.95, "
+            "preferring one that stays above every "
             "false-positive volume seen on a normal inflated by the mean absolute volume error "
             "(any acute bleed is urgent, but a few dozen normals cannot pin specificity down, "
             "so the threshold keeps that margin over the false alarms observed when it can "

@@ -28,7 +28,7 @@ from trainers.datasets import (
 )
 from trainers.export import write_manifest
 from trainers.recipes import DetectorRecipe
-from triage_node.detectors.findings import Urgency
+from triage_node.detectors.findings import DetectorResult, Urgency
 from triage_node.detectors.manifest import load_manifest
 from triage_node.detectors.segmentation import SegmentationDetector
 from triage_node.imaging.volume import Volume
@@ -78,6 +78,24 @@ def _phantom_volume(hu: np.ndarray, info: dict[str, Any], index: int,
         series_instance_uid=f"2.25.{2000 + index}",
         source_datasets=[],
     )
+
+
+def case_row(result: DetectorResult, volume: Volume, truth: np.ndarray,
+             info: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`summarise` reads of one phantom run through the detector: its kind, true and
+    predicted bleed volume (mL), Dice of all findings together and the highest finding score."""
+    pred = np.zeros(truth.shape, bool)
+    for finding in result.findings:
+        if finding.mask is not None:
+            pred |= finding.mask
+    pred_ml = float(np.count_nonzero(pred)) * volume.voxel_volume_ml
+    return {
+        "kind": info["bleed_kind"] or "normal",
+        "true_ml": round(float(info["bleed_ml"]), 4),
+        "pred_ml": round(pred_ml, 4),
+        "dice": round(_dice(pred, truth), 4) if truth.any() else None,
+        "score": round(max((f.score for f in result.findings), default=0.0), 4),
+    }
 
 
 def summarise(
@@ -283,20 +301,13 @@ def evaluate(
                 hu, truth, info = case.generate()
                 volume = _phantom_volume(hu, info, case.index)
             result = detector.run(volume)
-            pred = np.zeros(truth.shape, bool)
-            for finding in result.findings:
-                if finding.mask is not None:
-                    pred |= finding.mask
-            pred_ml = float(np.count_nonzero(pred)) * volume.voxel_volume_ml
+            measured = case_row(result, volume, truth, info)
             rows.append(
                 {
                     "index": case.index,
-                    "kind": info["bleed_kind"] or "normal",
+                    "kind": measured.pop("kind"),
                     "requested_ml": case.bleed_ml,
-                    "true_ml": round(float(info["bleed_ml"]), 4),
-                    "pred_ml": round(pred_ml, 4),
-                    "dice": round(_dice(pred, truth), 4) if truth.any() else None,
-                    "score": round(max((f.score for f in result.findings), default=0.0), 4),
+                    **measured,
                     "urgency": result.urgency.value,
                     "critical": result.urgency == Urgency.CRITICAL,
                     "decoys": info["decoys"],
