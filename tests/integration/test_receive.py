@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    Verification,
+)
 
 from deploy.demo.orthanc import free_port
+from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import DicomConfig, TrustedCaller
 from triage_node.errors import ConfigError
+from triage_node.receive import scp
 from triage_node.receive.ingest import Ingestor
 from triage_node.receive.scp import DicomReceiver
 from triage_node.receive.status import StoreStatus
-from triage_node.spool.index import InstanceIndex
+from triage_node.spool.header_scan import ScannedHeader
+from triage_node.spool.index import (
+    InstanceIndex,
+    read_header,
+    read_header_with_pydicom,
+    scan_head,
+)
 from triage_node.spool.store import Spool
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
@@ -140,3 +154,53 @@ def test_disk_below_watermark_is_out_of_resources(receiver: DicomReceiver) -> No
     assoc = _scu(receiver)
     assert assoc.send_c_store(pydicom.dcmread(_testfile("CT_small.dcm"))).Status == 0
     assoc.release()
+
+
+def _large_ct(folder: Path) -> list[Path]:
+    """Two 512×512 CT slices (512 KiB each): they arrive in several P-DATA fragments."""
+    hu = np.random.default_rng(3).normal(0.0, 30.0, size=(2, 512, 512)).astype(np.float32)
+    return write_ct_series(hu, (2.0, 0.7, 0.7), folder, patient_name="RECV^LARGE",
+                           patient_id="RECV2", accession_number="ACC2",
+                           study_description="CT", series_description="Axial",
+                           body_part_examined="CHEST")
+
+
+def test_a_large_instance_is_indexed_from_the_header_read_while_it_arrived(
+        receiver: DicomReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header of an instance longer than the 64 KiB head is read before its last byte
+    arrives; the index gets exactly what reading the whole stored file gives, and the checks
+    that need the whole file (pixel data length) are still made on it."""
+    early: list[bool] = []
+
+    def counting_scan_head(head: bytes | bytearray) -> ScannedHeader | None:
+        scanned = scan_head(head)
+        early.append(scanned is not None)
+        return scanned
+
+    monkeypatch.setattr(scp, "scan_head", counting_scan_head)
+    good, short = _large_ct(tmp_path / "ct")
+    # The second slice says it has 511 rows: its pixel data is one row too long.
+    raw = bytearray(short.read_bytes())
+    rows = raw.index(b"\x28\x00\x10\x00US\x02\x00") + 8
+    raw[rows:rows + 2] = (511).to_bytes(2, "little")
+    short.write_bytes(bytes(raw))
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.maximum_pdu_size = 65_536
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    assert assoc.send_c_store(good).Status == StoreStatus.SUCCESS
+    assert assoc.send_c_store(short).Status == StoreStatus.SUCCESS  # kept in quarantine
+    assoc.release()
+    assert early == [True, True]
+    [row] = receiver.ingestor.index.db.query("SELECT path FROM instances")
+    stored = receiver.ingestor.spool.path_of(row["path"]).read_bytes()
+    uid = read_header(stored).sop_instance_uid
+    assert uid == pydicom.dcmread(good).SOPInstanceUID
+    indexed = receiver.ingestor.index.db.query(
+        "SELECT s.attrs_json, i.attrs_delta_json FROM instances i"
+        " JOIN series s USING (series_uid)")[0]
+    attributes = {**json.loads(indexed["attrs_json"]), **json.loads(indexed["attrs_delta_json"])}
+    assert attributes == read_header_with_pydicom(stored).attributes
+    [reason] = (receiver.ingestor.spool.root / "quarantine").glob("*.reason.json")
+    assert "PixelData length" in json.loads(reason.read_text())["reason"]

@@ -22,7 +22,8 @@ from pydicom.values import convert_value
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import LimitsConfig
 from triage_node.spool.header_scan import TEXT_VRS, raw_text, scan
-from triage_node.spool.index import _plain, read_header, read_header_with_pydicom
+from triage_node.spool.index import _plain, read_header, read_header_with_pydicom, scan_head
+from triage_node.spool.store import HEAD_BYTES
 
 CORPUS = Path(__file__).resolve().parents[2] / "fixtures" / "bad-input"
 LIMITS = LimitsConfig(max_pixels_per_instance=4096 * 4096)
@@ -163,3 +164,42 @@ def relabelled(data: bytes, syntax: str) -> bytes:
 def test_a_mislabelled_encoding_reads_the_same(name: str, syntax: str) -> None:
     data = relabelled(pydicom_file(name), syntax)
     assert not assert_same(data, name)  # pydicom's path, which notices and adapts
+
+
+def test_a_head_read_early_gives_the_header_of_the_whole_file() -> None:
+    """The receiver reads the header from an instance's first bytes while the rest arrives
+    (``scan_head``): whatever the cut, that is either nothing or exactly what the whole file
+    gives, and ``read_header`` finishes the checks on the whole file the same way."""
+    early_reads = 0
+    for name in get_testdata_files("*"):
+        if not Path(name).is_file():
+            continue
+        data = Path(name).read_bytes()
+        whole = scan(data)
+        header_end = whole.stop_offset if whole is not None else len(data)
+        cuts = {HEAD_BYTES, header_end, header_end + 1, header_end + 8, header_end + 9,
+                len(data) - 1}
+        for cut in sorted(c for c in cuts if 0 < c < len(data)):
+            early = scan_head(bytearray(data[:cut]))
+            if early is None:
+                continue
+            early_reads += 1
+            assert early == whole, (name, cut)
+            assert outcome(lambda d, lim, e=early: read_header(d, lim, e), data) \
+                == outcome(read_header, data), (name, cut)
+    assert early_reads > 100, early_reads
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
+                                  "SC_rgb_rle.dcm", "rtplan.dcm"])
+def test_a_head_cut_before_the_pixel_data_gives_nothing(name: str) -> None:
+    data = pydicom_file(name)
+    whole = scan(data)
+    header_end = whole.stop_offset if whole is not None else len(data)
+    for cut in range(0, min(header_end + 12, len(data))):
+        early = scan_head(bytearray(data[:cut]))
+        # Only a cut past the pixel data element's tag can be read, and then it is the whole.
+        assert early is None or (cut > header_end and early == whole), (name, cut)
+    if whole is not None and whole.stop_offset < len(data):
+        # The pixel data element's header in full (12 bytes at most) is enough.
+        assert scan_head(bytearray(data[:header_end + 12])) == whole

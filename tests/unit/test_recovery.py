@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from pydicom.data import get_testdata_file
@@ -48,3 +49,37 @@ def test_unclean_stop_reindexes_spooled_files_and_clears_partials(tmp_path: Path
     assert recover(tmp_path, spool, index).reindexed == 0
     mark_clean_stop(tmp_path)
     assert recover(tmp_path, spool, index).unclean is False
+
+
+def _adopted(spool: Spool, index: InstanceIndex, data: bytes) -> str:
+    """Spool ``data`` as the C-STORE receiver does (random-token name, not hashed); the
+    relative path."""
+    header = read_header(data)
+    incoming = spool.incoming()
+    incoming.write(data)
+    return spool.adopt(incoming, index.keys.study_key(header.study_uid),
+                       header.sop_instance_uid).relative_path
+
+
+def test_unclean_stop_removes_a_resent_copy_the_index_already_has(tmp_path: Path) -> None:
+    db = Database(tmp_path / "state.sqlite3")
+    spool = Spool(tmp_path / "spool")
+    index = InstanceIndex(db, KeyMaker(b"k"))
+    data = _as_received("MODALITY1")
+    # Received and indexed once; then the same bytes again, killed before the index
+    # recognised the copy and removed it (a C-STORE file is named before it is hashed).
+    # Each run of the node is a new Spool object over the same folder; each stop is unclean.
+    (tmp_path / MARKER).write_text("running")
+    first = _adopted(spool, index, data)
+    assert recover(tmp_path, Spool(spool.root), index).reindexed == 1
+    copy = _adopted(Spool(spool.root), index, data)
+    assert copy != first and Path(copy).name.split("-")[1].startswith("r")
+
+    report = recover(tmp_path, Spool(spool.root), index)
+
+    assert report.reindexed == 0 and report.unreadable == 0
+    assert not (spool.root / copy).exists()
+    assert (spool.root / first).exists()
+    [row] = db.query("SELECT path, sha256 FROM instances")
+    assert row["path"] == first
+    assert row["sha256"] == hashlib.sha256(data).hexdigest()

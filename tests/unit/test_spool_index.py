@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -10,8 +16,15 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from triage_node.errors import InvalidDicomError, UnusableDicomError
-from triage_node.spool.index import InstanceIndex, Source, read_header
-from triage_node.spool.store import Spool
+from triage_node.receive.ingest import Ingestor, IngestOutcome, IngestStatus
+from triage_node.spool.index import (
+    InstanceHeader,
+    InstanceIndex,
+    RecordOutcome,
+    Source,
+    read_header,
+)
+from triage_node.spool.store import Spool, SpooledFile
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
 
@@ -164,3 +177,133 @@ def test_fast_header_attributes_equal_pydicom_conversion_on_all_test_files() -> 
             assert header_attributes(fresh) == expected, name
             checked += 1
     assert checked > 100
+
+
+def _header_for(uid: str) -> InstanceHeader:
+    base = read_header(_ct_bytes())
+    return dataclasses.replace(base, sop_instance_uid=uid,
+                               attributes={**base.attributes, "SOPInstanceUID": uid})
+
+
+def test_concurrent_records_share_a_transaction(index: InstanceIndex) -> None:
+    """Records that arrive while a commit runs are committed together by the next one, and
+    each caller returns only once its own record is committed."""
+    commits = index.commits
+    first_running, release_first = threading.Event(), threading.Event()
+    original = index._record
+
+    def slow_first(conn: sqlite3.Connection, header: InstanceHeader, *args: object
+                   ) -> RecordOutcome:
+        if header.sop_instance_uid.endswith(".0"):
+            first_running.set()
+            assert release_first.wait(10)
+        return original(conn, header, *args)  # type: ignore[arg-type]
+
+    index._record = slow_first  # type: ignore[method-assign,assignment]
+    uids = [f"1.2.826.0.1.3680043.8.498.99.{i}" for i in range(5)]
+    outcomes: dict[str, RecordOutcome] = {}
+
+    def record(uid: str) -> None:
+        spooled = SpooledFile(f"studies/x/{uid}.dcm", uid.ljust(64, "0"), 1, False)
+        outcomes[uid] = index.record(_header_for(uid), spooled, SRC)
+
+    threads = [threading.Thread(target=record, args=(uid,)) for uid in uids]
+    threads[0].start()
+    assert first_running.wait(10)
+    for t in threads[1:]:
+        t.start()
+    while len(commits._queue) < 4:  # the other four wait for the running commit
+        time.sleep(0.01)
+    assert not outcomes
+    release_first.set()
+    for t in threads:
+        t.join(10)
+    assert all(outcomes[uid].new_instance for uid in uids)
+    assert (commits.batches, commits.records) == (2, 5)
+    rows = index.db.query("SELECT sop_instance_uid FROM instances")
+    assert sorted(r[0] for r in rows) == sorted(uids)
+
+
+def test_a_failing_record_fails_alone_in_its_batch(index: InstanceIndex) -> None:
+    def insert(uid: str) -> Callable[[sqlite3.Connection], RecordOutcome]:
+        def work(conn: sqlite3.Connection) -> RecordOutcome:
+            conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
+                         " first_received, last_received) VALUES (?, ?, 'receiving', '{}', 0, 0)",
+                         (uid, uid))
+            if uid.endswith("bad"):
+                # Half done, then a constraint fails: the savepoint takes the half back.
+                conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
+                             " first_received, last_received)"
+                             " VALUES ('other', 's-good1', 'receiving', '{}', 0, 0)")
+            return RecordOutcome(uid, new_instance=True, reopened=False)
+        return work
+
+    commits = index.commits
+    # Queue three records behind a commit in progress, so that they form one batch.
+    commits._committing = True
+    results: dict[str, object] = {}
+
+    def run(uid: str) -> None:
+        try:
+            results[uid] = commits.run(insert(uid))
+        except sqlite3.Error as exc:
+            results[uid] = exc
+
+    threads = [threading.Thread(target=run, args=(u,)) for u in ("s-good1", "s-bad", "s-good2")]
+    for t in threads:
+        t.start()
+    while len(commits._queue) < 3:
+        time.sleep(0.01)
+    with commits._cond:
+        commits._committing = False
+        commits._cond.notify_all()
+    for t in threads:
+        t.join(10)
+    assert isinstance(results["s-bad"], sqlite3.IntegrityError)
+    assert isinstance(results["s-good1"], RecordOutcome)
+    assert isinstance(results["s-good2"], RecordOutcome)
+    assert commits.batches == 1
+    keys = {r[0] for r in index.db.query("SELECT study_uid FROM studies")}
+    assert keys == {"s-good1", "s-good2"}
+
+
+def _receive(ingestor: Ingestor, data: bytes) -> IngestOutcome:
+    """As the C-STORE receiver does: stream to incoming/, then ingest."""
+    incoming = ingestor.spool.incoming()
+    incoming.write(data)
+    return ingestor.ingest_incoming(incoming, SRC)
+
+
+def test_a_new_instance_is_not_hashed_and_a_resend_is_still_recognised(
+        index: InstanceIndex, tmp_path: Path) -> None:
+    """Bytes are hashed only when their SOP Instance UID is already indexed: a re-send of the
+    same bytes (by C-STORE or STOW-RS) is a duplicate with nothing written, changed bytes
+    are kept beside the older ones and used."""
+    ingestor = Ingestor(Spool(tmp_path / "spool"), index)
+    data = _ct_bytes()
+    uid = read_header(data).sop_instance_uid
+    studies = tmp_path / "spool" / "studies"
+
+    assert _receive(ingestor, data).status is IngestStatus.STORED
+    [row] = index.db.query("SELECT path, sha256 FROM instances")
+    assert row["sha256"] == ""  # a new UID: nothing to compare with, nothing hashed
+    first_path = row["path"]
+
+    assert _receive(ingestor, data).status is IngestStatus.DUPLICATE
+    assert ingestor.ingest(data, SRC).status is IngestStatus.DUPLICATE  # STOW-RS, same bytes
+    assert [p.relative_to(tmp_path / "spool").as_posix() for p in studies.rglob("*.dcm")] \
+        == [first_path]
+    # The re-sent copies were removed from incoming/ (only the pool's empty files are left).
+    assert all(p.stat().st_size == 0 for p in ingestor.spool.incoming_dir.glob("*.part"))
+
+    changed = data[:-2] + b"\x01\x02"
+    assert _receive(ingestor, changed).status is IngestStatus.STORED
+    [row] = index.db.query("SELECT path, sha256 FROM instances WHERE sop_instance_uid = ?",
+                           (uid,))
+    assert row["sha256"] == hashlib.sha256(changed).hexdigest()
+    assert ingestor.spool.path_of(row["path"]).read_bytes() == changed
+    assert len(list(studies.rglob("*.dcm"))) == 2  # the older bytes are kept
+    # Back to the first bytes: changed again, relative to what is now indexed.
+    assert _receive(ingestor, data).status is IngestStatus.STORED
+    assert _receive(ingestor, data).status is IngestStatus.DUPLICATE
+    assert len(list(studies.rglob("*.dcm"))) == 3

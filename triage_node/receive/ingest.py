@@ -16,7 +16,14 @@ from enum import Enum
 from triage_node.config.models import LimitsConfig
 from triage_node.errors import InvalidDicomError, UnusableDicomError
 from triage_node.logging import get_logger
-from triage_node.spool.index import InstanceHeader, InstanceIndex, Source, read_header
+from triage_node.spool.header_scan import ScannedHeader
+from triage_node.spool.index import (
+    InstanceHeader,
+    InstanceIndex,
+    Source,
+    compare_with_known,
+    read_header,
+)
 from triage_node.spool.store import IncomingFile, Spool, SpooledFile
 
 log = get_logger(__name__)
@@ -92,17 +99,24 @@ class Ingestor:
             return self._unreadable(exc, source)
         study_key = self.index.keys.study_key(header.study_uid)
         try:
+            resent, _ = compare_with_known(self.index, self.spool, header.sop_instance_uid,
+                                           data)
+            if resent:
+                return self._duplicate(header, study_key)
             spooled = self.spool.store(study_key, header.sop_instance_uid, data)
         except OSError as exc:
             return self._write_failed(exc)
         return self._record(header, spooled, source, study_key)
 
-    def ingest_incoming(self, incoming: IncomingFile, source: Source) -> IngestOutcome:
+    def ingest_incoming(self, incoming: IncomingFile, source: Source,
+                        early: ScannedHeader | None = None) -> IngestOutcome:
         """Ingest an instance streamed to the spool's incoming folder (C-STORE).
 
         The file is parsed, renamed into its study folder (or quarantine), made durable and
         recorded; only then may the caller answer Success. On a refusal the file is removed:
-        the sender keeps responsibility for it.
+        the sender keeps responsibility for it. ``early`` is the header the receiver read
+        from the file's first bytes while the rest was arriving (:func:`scan_head`); the
+        checks that need the whole file are made here.
         """
         try:
             # Mapped from the page cache: the header is parsed in place, nothing is copied.
@@ -111,27 +125,42 @@ class Ingestor:
             incoming.discard()
             return self._write_failed(exc)
         try:
-            header = read_header(data, self.limits)
-        except UnusableDicomError as exc:
             try:
-                self.spool.quarantine_incoming(incoming, str(exc),
-                                               {"calling_ae": source.calling_ae})
-            except OSError as write_error:
+                header = read_header(data, self.limits, early)
+            except UnusableDicomError as exc:
+                try:
+                    self.spool.quarantine_incoming(incoming, data, str(exc),
+                                                   {"calling_ae": source.calling_ae})
+                except OSError as write_error:
+                    incoming.discard()
+                    return self._write_failed(write_error)
+                return self._quarantined(exc, source)
+            except InvalidDicomError as exc:
                 incoming.discard()
-                return self._write_failed(write_error)
-            return self._quarantined(exc, source)
-        except InvalidDicomError as exc:
-            incoming.discard()
-            return self._unreadable(exc, source)
+                return self._unreadable(exc, source)
+            study_key = self.index.keys.study_key(header.study_uid)
+            try:
+                resent, sha256 = compare_with_known(self.index, self.spool,
+                                                    header.sop_instance_uid, data)
+                if resent:  # nothing to write: the index has these bytes already
+                    incoming.discard()
+                    return self._duplicate(header, study_key)
+                spooled = self.spool.adopt(incoming, study_key, header.sop_instance_uid, sha256)
+            except OSError as exc:
+                incoming.discard()
+                return self._write_failed(exc)
         finally:
             data.close()
-        study_key = self.index.keys.study_key(header.study_uid)
-        try:
-            spooled = self.spool.adopt(incoming, study_key, header.sop_instance_uid)
-        except OSError as exc:
-            incoming.discard()
-            return self._write_failed(exc)
-        return self._record(header, spooled, source, study_key)
+        outcome = self._record(header, spooled, source, study_key)
+        if outcome.status is IngestStatus.DUPLICATE:
+            # The same bytes were recorded by another association meanwhile, under another
+            # name: this copy is not needed.
+            self.spool.remove(spooled)
+        return outcome
+
+    def _duplicate(self, header: InstanceHeader, study_key: str) -> IngestOutcome:
+        return self._count(IngestOutcome(IngestStatus.DUPLICATE, "", study_key,
+                                          header.sop_instance_uid, header.sop_class_uid))
 
     def _quarantined(self, exc: Exception, source: Source) -> IngestOutcome:
         log.warning("instance quarantined", stage="receive", reason=str(exc),

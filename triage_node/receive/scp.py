@@ -1,13 +1,15 @@
 """The DICOM receiver: a storage SCP (C-STORE, C-ECHO) built for throughput and durability.
 
 Each association is served by one thread that reads PDUs straight from the socket and
-streams every data set fragment to a file in the spool's ``incoming/`` folder as it arrives
-(hashing it on the way): no instance is ever assembled in memory, nothing is decoded, and
-memory stays flat whatever the size or number of instances. When the last fragment is in, the
-file is made durable (``fdatasync``), its header is read, it is renamed into its study folder
-and recorded, and only then is Success sent (PS3.4 B.2.2: Success means we are responsible
-for the data). The codec is in :mod:`triage_node.receive.ul`; every failure maps to a named
-status (:class:`~triage_node.receive.status.StoreStatus`) or an A-ASSOCIATE-RJ with a reason.
+streams every data set fragment to a file in the spool's ``incoming/`` folder as it arrives:
+no instance is ever assembled in memory, nothing is decoded, and memory stays flat whatever
+the size or number of instances. The header is read from the file's first 64 KiB as soon as
+they are in, while the sender is still sending. When the last fragment is in, the file is
+renamed into its study folder and made durable (``fdatasync``), the instance is recorded (in
+a transaction shared with the other associations'), and only then is Success sent (PS3.4
+B.2.2: Success means we are responsible for the data). The codec is in
+:mod:`triage_node.receive.ul`; every failure maps to a named status
+(:class:`~triage_node.receive.status.StoreStatus`) or an A-ASSOCIATE-RJ with a reason.
 
 Security: the called AE title must be ours; the calling AE title must be on the trust list,
 and from the listed host or network when one is given; anything else is rejected at
@@ -52,8 +54,9 @@ from triage_node.receive.ul import (
     encode_response,
     file_meta,
 )
-from triage_node.spool.index import Source
-from triage_node.spool.store import IncomingFile
+from triage_node.spool.header_scan import ScannedHeader
+from triage_node.spool.index import Source, scan_head
+from triage_node.spool.store import HEAD_BYTES, IncomingFile
 
 log = get_logger(__name__)
 
@@ -114,6 +117,9 @@ class _Message:
     refusal: IngestStatus | None = None
     """Set when the data set is read but thrown away (e.g. no disk space)."""
     unrecognized: bool = False
+    early: ScannedHeader | None = None
+    """The header, read from the file's first bytes while the rest was still arriving."""
+    head_read: bool = False
 
 
 @dataclass
@@ -508,7 +514,19 @@ class _Association:
             raise ProtocolError("a data set fragment arrived without a command")
         if context_id != message.context_id:
             raise ProtocolError("data set fragment on another presentation context")
-        self._stream(size, message.incoming)
+        incoming = message.incoming
+        rest = size
+        if incoming is not None and not message.head_read:
+            to_head = HEAD_BYTES - len(incoming.head)
+            if to_head < rest or (to_head == rest and not last):
+                # The head is complete and more bytes are coming: read the header now. The
+                # sender keeps sending into the socket buffer meanwhile, so this costs no
+                # time before Success (it would after the last byte).
+                self._stream(to_head, incoming)
+                rest -= to_head
+                message.head_read = True
+                message.early = scan_head(incoming.head)
+        self._stream(rest, incoming)
         self.stats.bytes += size
         if last:
             self._message = None
@@ -525,7 +543,8 @@ class _Association:
             assert message.incoming is not None
             source = Source(calling_ae=self.calling_ae, called_ae=self.called_ae,
                             host=self.peer_host)
-            outcome = self.receiver.ingestor.ingest_incoming(message.incoming, source)
+            outcome = self.receiver.ingestor.ingest_incoming(message.incoming, source,
+                                                              message.early)
             outcome_status, reason = outcome.status, outcome.reason
         self.stats.instances += 1
         self.stats.statuses[outcome_status.value] = \

@@ -10,8 +10,11 @@ from __future__ import annotations
 import io
 import json
 import mmap
+import sqlite3
 import struct
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -32,12 +35,13 @@ from triage_node.spool.header_scan import (
     MAX_VALUE_CHARS,
     NUMERIC_VRS,
     TEXT_VRS,
+    ScannedHeader,
     attribute_key,
     raw_numbers,
     raw_text,
     scan,
 )
-from triage_node.spool.store import SpooledFile
+from triage_node.spool.store import Spool, SpooledFile, sha256_of
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
 
@@ -130,20 +134,38 @@ class InstanceHeader:
     attributes: dict[str, str | list[str]]
 
 
-def read_header(data: Received, limits: LimitsConfig | None = None) -> InstanceHeader:
+def read_header(data: Received, limits: LimitsConfig | None = None,
+                early: ScannedHeader | None = None) -> InstanceHeader:
     """Parse the header of a Part 10 byte stream.
 
     Raises :class:`InvalidDicomError` when it cannot be parsed (or the header is cut short),
     :class:`UnusableDicomError` (a subclass) when it parses but cannot be used: a UID the node
     needs is missing, or :func:`~triage_node.receive.validate.check_received` refuses the pixel
     data or the geometry (with ``limits``, default: the configured ones). The message names what.
+
+    ``early`` is what :func:`scan_head` read from the first bytes of ``data``: the same result
+    :func:`~triage_node.spool.header_scan.scan` would give on ``data``, so it is not read again.
     """
-    scanned = scan(data)
+    scanned = early or scan(data)
     if scanned is not None:  # the common case, read from the bytes (header_scan)
         check_scanned(scanned.attributes, data, scanned.stop_offset, scanned.transfer_syntax,
                       scanned.implicit_vr, limits)
         return _header(scanned.attributes, scanned.transfer_syntax)
     return read_header_with_pydicom(data, limits)
+
+
+def scan_head(head: bytes | bytearray) -> ScannedHeader | None:
+    """The header read from the first bytes of an instance still arriving, or None.
+
+    Only a scan that reached the pixel data element counts: everything :func:`scan` reads
+    lies before it, so the whole file would give the same result. A head that ends before the
+    pixel data (a longer header, or an instance without pixels) gives None, and the header is
+    read from the whole file once it is in.
+    """
+    scanned = scan(head)  # type: ignore[arg-type]  # a bytearray reads like bytes here
+    if scanned is None or scanned.stop_offset >= len(head):
+        return None
+    return scanned
 
 
 def read_header_with_pydicom(data: Received, limits: LimitsConfig | None = None
@@ -223,78 +245,210 @@ class RecordOutcome:
     """The SOP Instance UID was known with different bytes: the newer bytes are used."""
 
 
+@dataclass(frozen=True)
+class KnownInstance:
+    """What the index holds for a SOP Instance UID."""
+
+    path: str
+    size: int
+    sha256: str
+    """Empty when it was never computed (see :class:`SpooledFile`)."""
+
+
+def compare_with_known(index: InstanceIndex, spool: Spool, sop_instance_uid: str,
+                       data: Received) -> tuple[bool, str]:
+    """Whether ``data`` is a re-send of the bytes the index holds for this UID, and the sha256
+    of ``data`` when it was needed to tell (else empty).
+
+    A new UID (the common case) costs one indexed lookup and no hashing. A known one is
+    compared by size, then by sha256; the stored copy is hashed when its hash was never
+    computed, and counts as different when it cannot be read.
+    """
+    known = index.known(sop_instance_uid)
+    if known is None:
+        return False, ""
+    digest = sha256_of(data)
+    if known.size != len(data):
+        return False, digest
+    try:
+        stored = known.sha256 or spool.content_sha256(known.path)
+    except OSError:
+        return False, digest
+    return stored == digest, digest
+
+
+class _Pending:
+    """One record waiting for a group commit."""
+
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], RecordOutcome]) -> None:
+        self.work = work
+        self.done = False
+        self.result: RecordOutcome | None = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Records from concurrent receiving threads share transactions (group commit).
+
+    A thread that finds no commit in progress commits everything queued so far, its own
+    record included, in one transaction; threads that arrive meanwhile queue their records and
+    wait for the next one. One thread alone commits each record at once, as before; many
+    associations no longer take turns on SQLite's write lock (whose busy handler sleeps) for
+    a transaction each. Every record runs under its own savepoint: one that fails is rolled
+    back and reported to its own caller only; a failed commit is reported to all of the batch.
+    No caller returns before its record is committed, so Success still means "indexed".
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._committing = False
+        self.batches = 0
+        self.records = 0
+
+    def run(self, work: Callable[[sqlite3.Connection], RecordOutcome]) -> RecordOutcome:
+        pending = _Pending(work)
+        with self._cond:
+            self._queue.append(pending)
+            while not pending.done:
+                if self._committing:
+                    self._cond.wait()
+                    continue
+                self._committing = True
+                batch, self._queue = self._queue, []
+                self._cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._cond.acquire()
+                    self._committing = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            with self.db.transaction() as conn:
+                for pending in batch:
+                    conn.execute("SAVEPOINT record")
+                    try:
+                        pending.result = pending.work(conn)
+                    except Exception as exc:  # noqa: BLE001 - reported to its own caller
+                        conn.execute("ROLLBACK TO record")
+                        pending.error = exc
+                    conn.execute("RELEASE record")
+        except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: nothing is recorded
+            for pending in batch:
+                pending.result, pending.error = None, pending.error or exc
+        finally:
+            for pending in batch:
+                pending.done = True
+            self.batches += 1
+            self.records += len(batch)
+
+
 class InstanceIndex:
     """Records received instances, creating studies and series on first sight."""
 
     def __init__(self, db: Database, keys: KeyMaker) -> None:
         self.db = db
         self.keys = keys
+        self.commits = GroupCommit(db)
+        self._last_series: tuple[str, dict[str, Any]] | None = None
+
+    def _parsed(self, attrs_json: str) -> dict[str, Any]:
+        """``json.loads`` of a series' attributes, reused while the same text comes back (the
+        instances of a series arrive together; the text is what the database holds now)."""
+        cached = self._last_series
+        if cached is not None and cached[0] == attrs_json:
+            return cached[1]
+        parsed: dict[str, Any] = json.loads(attrs_json)
+        self._last_series = (attrs_json, parsed)
+        return parsed
+
+    def known(self, sop_instance_uid: str) -> KnownInstance | None:
+        row = self.db.connection().execute(
+            "SELECT path, size, sha256 FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,)).fetchone()
+        return None if row is None else KnownInstance(row["path"], row["size"], row["sha256"])
 
     def record(self, header: InstanceHeader, spooled: SpooledFile,
                source: Source) -> RecordOutcome:
+        """Record one instance; returns once it is committed (shared with concurrent callers,
+        :class:`GroupCommit`). Raises :class:`sqlite3.Error` when it could not be recorded."""
         now = time.time()
+        return self.commits.run(lambda conn: self._record(conn, header, spooled, source, now))
+
+    def _record(self, conn: sqlite3.Connection, header: InstanceHeader, spooled: SpooledFile,
+                source: Source, now: float) -> RecordOutcome:
         study_key = self.keys.study_key(header.study_uid)
-        with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT study_key, status FROM studies WHERE study_uid = ?", (header.study_uid,)
-            ).fetchone()
-            reopened = False
-            if row is None:
-                conn.execute(
-                    "INSERT INTO studies (study_uid, study_key, status, attrs_json, calling_ae,"
-                    " called_ae, source_host, first_received, last_received, receiving_since)"
-                    " VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?, ?)",
-                    (header.study_uid, study_key, json.dumps(header.attributes),
-                     source.calling_ae, source.called_ae, source.host, now, now, now),
-                )
-            existing = conn.execute(
-                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
-                (header.sop_instance_uid,),
-            ).fetchone()
-            if existing is not None and existing["sha256"] == spooled.sha256:
-                return RecordOutcome(study_key, new_instance=False, reopened=False)
-            if row is not None and row["status"] != "receiving":
-                reopened = True
-                conn.execute(
-                    "UPDATE studies SET status = 'receiving', generation = generation + 1,"
-                    " last_received = ?, receiving_since = ? WHERE study_uid = ?",
-                    (now, now, header.study_uid))
-            else:
-                conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
-                             (now, header.study_uid))
+        row = conn.execute(
+            "SELECT study_key, status FROM studies WHERE study_uid = ?", (header.study_uid,)
+        ).fetchone()
+        reopened = False
+        if row is None:
+            conn.execute(
+                "INSERT INTO studies (study_uid, study_key, status, attrs_json, calling_ae,"
+                " called_ae, source_host, first_received, last_received, receiving_since)"
+                " VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?, ?)",
+                (header.study_uid, study_key, json.dumps(header.attributes),
+                 source.calling_ae, source.called_ae, source.host, now, now, now),
+            )
+        existing = conn.execute(
+            "SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
+            (header.sop_instance_uid,),
+        ).fetchone()
+        if existing is not None and spooled.sha256 and existing["sha256"] == spooled.sha256:
+            return RecordOutcome(study_key, new_instance=False, reopened=False)
+        # A known UID whose bytes were not hashed arrived on another association between
+        # compare_with_known and here: counted as changed content, so both copies are kept.
+        if row is not None and row["status"] != "receiving":
+            reopened = True
+            conn.execute(
+                "UPDATE studies SET status = 'receiving', generation = generation + 1,"
+                " last_received = ?, receiving_since = ? WHERE study_uid = ?",
+                (now, now, header.study_uid))
+        else:
+            conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
+                         (now, header.study_uid))
+        # A series is complete at once when it holds as many instances as the sender
+        # said it would (Images in Acquisition); otherwise the assembler's quiet timer
+        # completes it. Any new instance makes it incomplete again until then.
+        update_series = (
+            "UPDATE series SET instance_count = instance_count + ?, last_received = ?,"
+            " completed_at = CASE WHEN expected_instances > 0 AND instance_count + ?"
+            " >= expected_instances THEN ? ELSE NULL END WHERE series_uid = ?",
+            (int(existing is None), now, int(existing is None), now, header.series_uid))
+        if conn.execute(*update_series).rowcount == 0:  # the series' first instance
             conn.execute(
                 "INSERT INTO series (series_uid, study_uid, series_key, modality, attrs_json,"
-                " first_received, expected_instances) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(series_uid) DO NOTHING",
+                " first_received, expected_instances) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (header.series_uid, header.study_uid, self.keys.series_key(header.series_uid),
                  header.modality, json.dumps(header.attributes), now,
                  _expected_instances(header.attributes)),
             )
-            # A series is complete at once when it holds as many instances as the sender
-            # said it would (Images in Acquisition); otherwise the assembler's quiet timer
-            # completes it. Any new instance makes it incomplete again until then.
-            conn.execute(
-                "UPDATE series SET instance_count = instance_count + ?, last_received = ?,"
-                " completed_at = CASE WHEN expected_instances > 0 AND instance_count + ?"
-                " >= expected_instances THEN ? ELSE NULL END WHERE series_uid = ?",
-                (int(existing is None), now, int(existing is None), now, header.series_uid))
-            series_attrs = json.loads(conn.execute(
-                "SELECT attrs_json FROM series WHERE series_uid = ?",
-                (header.series_uid,)).fetchone()[0])
-            delta = json.dumps(attribute_delta(series_attrs, header.attributes))
-            # A changed instance (same UID, new bytes) replaces the row; the older file stays
-            # in the spool, so nothing accepted is lost.
-            conn.execute(
-                "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
-                " transfer_syntax, path, size, sha256, attrs_delta_json, received_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(sop_instance_uid) DO UPDATE SET path=excluded.path,"
-                " size=excluded.size, sha256=excluded.sha256, received_at=excluded.received_at,"
-                " transfer_syntax=excluded.transfer_syntax,"
-                " attrs_delta_json=excluded.attrs_delta_json",
-                (header.sop_instance_uid, header.series_uid, header.study_uid,
-                 header.sop_class_uid, header.transfer_syntax, spooled.relative_path,
-                 spooled.size, spooled.sha256, delta, now),
-            )
+            conn.execute(*update_series)
+        series_json = conn.execute("SELECT attrs_json FROM series WHERE series_uid = ?",
+                                   (header.series_uid,)).fetchone()[0]
+        delta = json.dumps(attribute_delta(self._parsed(series_json), header.attributes))
+        # A changed instance (same UID, new bytes) replaces the row; the older file stays
+        # in the spool, so nothing accepted is lost.
+        conn.execute(
+            "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
+            " transfer_syntax, path, size, sha256, attrs_delta_json, received_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(sop_instance_uid) DO UPDATE SET path=excluded.path,"
+            " size=excluded.size, sha256=excluded.sha256, received_at=excluded.received_at,"
+            " transfer_syntax=excluded.transfer_syntax,"
+            " attrs_delta_json=excluded.attrs_delta_json",
+            (header.sop_instance_uid, header.series_uid, header.study_uid,
+             header.sop_class_uid, header.transfer_syntax, spooled.relative_path,
+             spooled.size, spooled.sha256, delta, now),
+        )
         return RecordOutcome(study_key, new_instance=True, reopened=reopened,
                              replaced=existing is not None)

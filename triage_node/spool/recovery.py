@@ -1,7 +1,7 @@
 """After an unclean stop: make the state database agree with the spool again.
 
 The spool is the record of what was acknowledged: an instance is answered Success only after
-its file is fsynced and renamed into ``studies/``. The database row written right after can be
+its file is renamed into ``studies/`` and fsynced. The database row written right after can be
 missing when the process was killed between the two, or when a power loss rolled back the
 last commits (``synchronous=NORMAL``, see :mod:`triage_node.state.db`). So when the node
 starts after an unclean stop (the ``RUNNING`` marker in the data dir is still there), every
@@ -21,7 +21,7 @@ import pydicom
 
 from triage_node.errors import InvalidDicomError
 from triage_node.logging import get_logger
-from triage_node.spool.index import InstanceIndex, Source, read_header
+from triage_node.spool.index import InstanceIndex, Source, compare_with_known, read_header
 from triage_node.spool.store import Spool, SpooledFile
 
 log = get_logger(__name__)
@@ -46,7 +46,11 @@ def _source_of(data: bytes) -> Source:
 
 
 def reindex_unknown(spool: Spool, index: InstanceIndex) -> tuple[int, int]:
-    """Index every spooled instance the database does not know; returns (indexed, unreadable)."""
+    """Index every spooled instance the database does not know; returns (indexed, unreadable).
+
+    A file whose bytes the index already has under another name (a re-send whose removal the
+    crash interrupted, :meth:`Spool.remove`) is removed instead.
+    """
     known = {row["path"] for row in index.db.query("SELECT path FROM instances")}
     indexed = unreadable = 0
     for path in sorted((spool.root / "studies").glob("*/*.dcm")):
@@ -61,16 +65,21 @@ def reindex_unknown(spool: Spool, index: InstanceIndex) -> tuple[int, int]:
             log.error("spooled file cannot be re-indexed", stage="recovery", path=relative,
                       reason=str(exc))
             continue
-        sha256 = path.stem.rsplit("-", 1)[-1]
-        index.record(header, SpooledFile(relative, _full_sha256(data, sha256), len(data),
-                                         already_present=True), _source_of(data))
-        indexed += 1
+        digest = _content_sha256(data, path.stem.rsplit("-", 1)[-1])
+        spooled = SpooledFile(relative, digest, len(data), already_present=True)
+        resent, _ = compare_with_known(index, spool, header.sop_instance_uid, data)
+        if resent or not index.record(header, spooled, _source_of(data)).new_instance:
+            spool.remove(spooled)
+        else:
+            indexed += 1
     return indexed, unreadable
 
 
-def _full_sha256(data: bytes, prefix: str) -> str:
+def _content_sha256(data: bytes, name_suffix: str) -> str:
+    """The content's sha256; a STOW-RS file's name ends with its first 16 hex digits (a
+    C-STORE file's with a random ``r…`` token), which is checked."""
     digest = hashlib.sha256(data).hexdigest()
-    if not digest.startswith(prefix):
+    if not name_suffix.startswith("r") and not digest.startswith(name_suffix):
         log.warning("spooled file content does not match its name", stage="recovery")
     return digest
 

@@ -2,13 +2,16 @@
 
 Layout under the spool root::
 
-    studies/<study_key>/<sha1(SOP Instance UID)>-<sha256(content)[:16]>.dcm
+    studies/<study_key>/<sha1(SOP Instance UID)>-<sha256(content)[:16]>.dcm   (STOW-RS)
+    studies/<study_key>/<sha1(SOP Instance UID)>-r<random hex>.dcm           (C-STORE)
     quarantine/<timestamp>-<sha256[:16]>.dcm  +  .reason.json beside it
     incoming/<pid>-<thread>-<ns>.part           instances still arriving (C-STORE streams here)
 
-File names carry hashes, never UIDs. Each write goes to a temporary file in the same folder,
-is fsynced, renamed into place, and the folder is fsynced, so after a crash a file is either
-complete or absent (PS3.4 B.2.2 Success means the SCP has taken responsibility for the data).
+File names carry hashes or random tokens, never UIDs. Each write goes to a temporary file in
+the same folder, is fsynced, renamed into place, and the folder is fsynced, so after a crash a
+file is either complete or absent (PS3.4 B.2.2 Success means the SCP has taken responsibility
+for the data). A C-STORE file is named with a random token: its content is hashed only when
+that matters (:func:`triage_node.spool.index.compare_with_known`), not for every instance.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ import json
 import mmap
 import os
 import queue
+import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+HEAD_BYTES = 65_536
+"""How much of the start of an incoming file :class:`IncomingFile` keeps in memory, so that
+the receiver can read the header while the rest of the instance is still arriving."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,25 +76,6 @@ class _PartPool:
             return _create_part(self.folder)
 
 
-class _DirSync:
-    """fsync of folders through a small cache of open folder descriptors."""
-
-    def __init__(self, size: int = 64) -> None:
-        self._fds: OrderedDict[Path, int] = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-
-    def __call__(self, path: Path) -> None:
-        with self._lock:
-            fd = self._fds.pop(path, None)
-            if fd is None:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            self._fds[path] = fd
-            while len(self._fds) > self._size:
-                os.close(self._fds.popitem(last=False)[1])
-        os.fsync(fd)
-
-
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the folder."""
     folder = path.parent
@@ -113,25 +101,27 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 class IncomingFile:
-    """An instance being received: streamed to ``incoming/`` as it arrives, hashed on the way.
+    """An instance being received: streamed to ``incoming/`` as it arrives.
 
-    Nothing is held in memory but the bytes of the current network read, whatever the size
-    of the instance. :meth:`seal` makes the bytes durable (``fdatasync``); the spool then
-    either adopts the file (rename into the study folder) or quarantines it. A file that is
-    never sealed (the association was aborted) is removed by :meth:`discard`, and any left by
-    a crash are removed when the spool opens: the sender was not told Success for them.
+    Nothing is held in memory but the bytes of the current network read and the first
+    :data:`HEAD_BYTES` of the file (:attr:`head`, where the header is), whatever the size of
+    the instance. :meth:`seal` makes the bytes durable (``fdatasync``); the spool then either
+    adopts the file (rename into the study folder) or quarantines it. A file that is never
+    sealed (the association was aborted) is removed by :meth:`discard`, and any left by a
+    crash are removed when the spool opens: the sender was not told Success for them.
     """
 
     def __init__(self, folder: Path, created: tuple[Path, int] | None = None) -> None:
         self.path, fd = created or _create_part(folder)
         self._fd: int | None = fd
-        self._hash = hashlib.sha256()
         self.size = 0
+        self.head = bytearray()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after seal"
         view = memoryview(data)
-        self._hash.update(view)
+        if len(self.head) < HEAD_BYTES:
+            self.head += view[:HEAD_BYTES - len(self.head)]
         self.size += len(view)
         while view:
             written = os.write(self._fd, view)
@@ -143,19 +133,14 @@ class IncomingFile:
         with self.path.open("rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    def seal(self) -> str:
-        """Flush the bytes to disk and close; returns the content's sha256."""
+    def seal(self) -> None:
+        """Flush the bytes to disk and close."""
         assert self._fd is not None, "sealed twice"
         try:
             os.fdatasync(self._fd)
         finally:
             os.close(self._fd)
             self._fd = None
-        return self._hash.hexdigest()
 
     def move(self, path: Path) -> None:
         """Rename the (open) file; the caller seals it and fsyncs the folders after."""
@@ -169,13 +154,20 @@ class IncomingFile:
         self.path.unlink(missing_ok=True)
 
 
+def sha256_of(data: bytes | mmap.mmap) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 @dataclass(frozen=True)
 class SpooledFile:
     relative_path: str
     sha256: str
+    """The content's sha256, or empty when it was not computed (a C-STORE instance whose
+    SOP Instance UID was new: nothing to compare it with)."""
     size: int
     already_present: bool
-    """True when identical bytes were already spooled (a re-send): nothing was written."""
+    """True when identical bytes were already spooled under this name (a STOW-RS re-send):
+    nothing was written."""
 
 
 class Spool:
@@ -189,7 +181,6 @@ class Spool:
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._pool: _PartPool | None = None
         self._pool_lock = threading.Lock()
-        self._sync_dir = _DirSync()
 
     def clear_incoming(self) -> int:
         """Remove partial files a previous run left (never acknowledged); returns how many.
@@ -210,51 +201,65 @@ class Spool:
                 self._pool = _PartPool(self.incoming_dir)
         return IncomingFile(self.incoming_dir, self._pool.take())
 
-    def _relative(self, study_key: str, sop_instance_uid: str, content_hash: str) -> str:
+    def _relative(self, study_key: str, sop_instance_uid: str, suffix: str) -> str:
         name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
-        return f"studies/{study_key}/{name_hash}-{content_hash[:16]}.dcm"
+        return f"studies/{study_key}/{name_hash}-{suffix[:16]}.dcm"
 
-    def adopt(self, incoming: IncomingFile, study_key: str,
-              sop_instance_uid: str) -> SpooledFile:
+    def adopt(self, incoming: IncomingFile, study_key: str, sop_instance_uid: str,
+              sha256: str = "") -> SpooledFile:
         """Move a fully received file into its study folder and make it durable.
+
+        The file is named with a random token, not its hash: most instances are new, and
+        their bytes need not be hashed at all. ``sha256`` is the content's hash when the
+        caller computed it (an instance whose UID the index already had), else empty.
 
         The rename comes first and the flush after: on ext4 (and any journalling file system
         that orders data before metadata) the one ``fdatasync`` then commits the data, the
         new name and the folder entry together, and the folder fsyncs that follow find
         nothing left to write — one journal commit per instance instead of two. A crash
-        before the flush leaves a complete file that was never acknowledged, which recovery
-        indexes harmlessly (the sender re-sends it; the copy is recognised).
+        before the flush leaves a file that was never acknowledged; recovery indexes it when
+        it is complete (the sender re-sends it; the copy is recognised).
         """
-        sha256 = incoming.sha256
-        relative = self._relative(study_key, sop_instance_uid, sha256)
+        relative = self._relative(study_key, sop_instance_uid, "r" + secrets.token_hex(8))
         path = self.root / relative
-        if path.exists() and path.stat().st_size == incoming.size:
-            incoming.discard()
-            return SpooledFile(relative, sha256, incoming.size, already_present=True)
-        folder = path.parent
-        new_folder = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        incoming.move(path)
+        new_folder = False
+        try:
+            incoming.move(path)
+        except FileNotFoundError:  # the study's first instance (or retention removed it)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new_folder = True
+            incoming.move(path)
         incoming.seal()
-        self._sync_dir(folder)
+        _fsync_dir(path.parent)
         if new_folder:
-            self._sync_dir(folder.parent)
+            _fsync_dir(path.parent.parent)
         return SpooledFile(relative, sha256, incoming.size, already_present=False)
 
-    def quarantine_incoming(self, incoming: IncomingFile, reason: str,
+    def content_sha256(self, relative: str) -> str:
+        """sha256 of a spooled file's bytes."""
+        with (self.root / relative).open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    def remove(self, spooled: SpooledFile) -> None:
+        """Remove a file :meth:`adopt` wrote that the index did not take (a re-send of bytes
+        already spooled). No flush: should the removal be lost in a crash, recovery finds
+        the copy again and removes it then."""
+        (self.root / spooled.relative_path).unlink(missing_ok=True)
+
+    def quarantine_incoming(self, incoming: IncomingFile, content: mmap.mmap, reason: str,
                             details: dict[str, str]) -> Path:
         """Move a fully received file to quarantine, durably, with a reason file beside it."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        path = self.root / "quarantine" / f"{stamp}-{incoming.sha256[:16]}.dcm"
+        path = self.root / "quarantine" / f"{stamp}-{sha256_of(content)[:16]}.dcm"
         record = {"reason": reason, "received_at": time.time(), **details}
         write_durably(path.with_suffix(".reason.json"), json.dumps(record, indent=2).encode())
         incoming.move(path)
         incoming.seal()
-        self._sync_dir(path.parent)
+        _fsync_dir(path.parent)
         return path
 
     def store(self, study_key: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
-        content_hash = hashlib.sha256(data).hexdigest()
+        content_hash = sha256_of(data)
         relative = self._relative(study_key, sop_instance_uid, content_hash)
         path = self.root / relative
         if path.exists() and path.stat().st_size == len(data):
@@ -267,7 +272,7 @@ class Spool:
 
     def quarantine(self, data: bytes, reason: str, details: dict[str, str]) -> Path:
         """Keep unusable bytes with a reason file beside them; returns the data file's path."""
-        content_hash = hashlib.sha256(data).hexdigest()
+        content_hash = sha256_of(data)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = self.root / "quarantine" / f"{stamp}-{content_hash[:16]}.dcm"
         write_durably(path, data)

@@ -7,6 +7,7 @@ anyone who reads the logs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 class KeyMaker:
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
+        # The receiver asks for the same study's key for every instance of it.
+        self._digest = functools.lru_cache(maxsize=1024)(self._hmac)
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> KeyMaker:
@@ -31,7 +34,7 @@ class KeyMaker:
                 os.close(fd)
         return cls(path.read_bytes().strip())
 
-    def _digest(self, kind: str, uid: str) -> str:
+    def _hmac(self, kind: str, uid: str) -> str:
         return hmac.new(self._secret, f"{kind}:{uid}".encode(), hashlib.sha256).hexdigest()[:12]
 
     def study_key(self, study_uid: str) -> str:
