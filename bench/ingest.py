@@ -125,7 +125,9 @@ def start_storescp(work: Path) -> Receiver:
         proc.terminate()
         proc.wait(timeout=10)
 
-    return Receiver("storescp", port, "STORESCP", reset, stop, lambda: [proc.pid])
+    # With --fork each association is a child: count them too (alive, exited or reaped).
+    return Receiver("storescp", port, "STORESCP", reset, stop,
+                    lambda: _process_tree(proc.pid))
 
 
 def start_orthanc(work: Path) -> tuple[Receiver, LocalOrthanc]:
