@@ -67,8 +67,11 @@ def smoothed_targets(labels: np.ndarray) -> np.ndarray:
     return np.where(labels, (positives + 1) / (positives + 2), 1.0 / (negatives + 2))
 
 
-def fit_finding_calibration(scores: list[float], real: list[bool]) -> CalibrationSpec:
-    """Platt scaling of raw finding scores with smoothed targets.
+def fit_finding_calibration(
+    scores: list[float], real: list[bool], *, logits: bool = False
+) -> CalibrationSpec:
+    """Platt scaling of raw finding scores with smoothed targets (``logits``: the scores
+    are already logits, as with ``finding_score: peak_logit``, and are not transformed).
 
     A weak Gaussian prior on the slope (centred on 1, weight 1/n) keeps it identifiable
     when the validation findings are all true (or all false): then only the level is
@@ -76,7 +79,7 @@ def fit_finding_calibration(scores: list[float], real: list[bool]) -> Calibratio
     """
     if not scores:
         raise ValueError("no findings on the validation phantoms: nothing to calibrate")
-    z = np.array([score_logit(s) for s in scores])
+    z = np.array(scores, dtype=float) if logits else np.array([score_logit(s) for s in scores])
     y = smoothed_targets(np.array(real))
 
     def loss(params: np.ndarray) -> float:
@@ -227,8 +230,9 @@ def calibrate_findings(
             console.log(f"calibration phantoms {k + 1}/{cases}: {len(pairs)} findings")
     scores = [s for s, _ in pairs]
     real = [r for _, r in pairs]
-    spec = fit_finding_calibration(scores, real)
-    calibrated = [spec.probability(score_logit(s)) for s in scores]
+    spec = fit_finding_calibration(scores, real,
+                                   logits=manifest.finding_score == "peak_logit")
+    calibrated = [spec.probability(detector.score_to_logit(s)) for s in scores]
     if isinstance(recipe, NoduleRecipe):
         # A nodule detector runs at a point of its FROC curve: the most sensitive threshold
         # with at most NODULE_FP_PER_SCAN false findings per validation scan.
@@ -240,6 +244,7 @@ def calibrate_findings(
     kept = [c >= threshold for c in calibrated]
     record: dict[str, Any] = {
         "method": "platt, smoothed targets",
+        "raw_score": manifest.finding_score,
         "split": f"val, seed {seed}, indices {FIRST_INDEX}–{FIRST_INDEX + cases - 1}",
         "cases": cases,
         "findings": len(pairs),
@@ -247,7 +252,10 @@ def calibrate_findings(
         "false_findings": int(len(real) - sum(real)),
         "slope": round(spec.slope, 6),
         "intercept": round(spec.intercept, 6),
-        "brier_raw": round(brier(scores, real), 4),
+        # A peak logit is not a probability: its Brier score is that of its sigmoid.
+        "brier_raw": round(brier([CalibrationSpec(method="temperature", slope=1.0)
+                                  .probability(detector.score_to_logit(s)) for s in scores],
+                                 real), 4),
         "brier_calibrated": round(brier(calibrated, real), 4),
         "finding_threshold": threshold,
         "operating_point": rule,

@@ -135,6 +135,7 @@ def segmentation_manifest(
         min_component_ml=recipe.min_component_ml,
         postprocess=postprocess,
         refine=getattr(recipe, "refine", None),
+        finding_score=getattr(recipe, "finding_score", "peak_probability"),
         **exported_engine_files(out_dir),
         training=training,
     )

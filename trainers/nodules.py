@@ -191,12 +191,45 @@ def _crop_start(
     return int(start[0]), int(start[1]), int(start[2])
 
 
+@dataclass(frozen=True)
+class NoduleCores:
+    """One case's nodules on the network grid, for per-nodule positive crops."""
+
+    cores: list[np.ndarray]
+    """Per nodule, the voxels (z, y, x) of its core (target ≥ half its own peak)."""
+    weights: np.ndarray
+    """Probability of drawing each nodule (sums to 1)."""
+
+
+#: A nodule on the network grid is a connected component of the soft target at least this.
+NODULE_TARGET_FLOOR = 0.2
+
+
+def nodule_cores(target: np.ndarray, exponent: float) -> NoduleCores:
+    """The nodules of one soft target [z, y, x] and the weights to draw them with: each
+    nodule's target volume (sum of occupancies) to the power ``-exponent``."""
+    labels, count = ndimage.label(target >= NODULE_TARGET_FLOOR, structure=np.ones((3, 3, 3)))
+    cores: list[np.ndarray] = []
+    sizes: list[float] = []
+    for k, where in enumerate(ndimage.find_objects(labels), start=1):
+        if where is None:
+            continue
+        local = np.where(labels[where] == k, target[where], 0.0)
+        core = np.argwhere(local >= 0.5 * float(local.max()))
+        cores.append(core + np.array([s.start for s in where]))
+        sizes.append(max(float(local.sum()), 1e-3))
+    if not count or not cores:
+        return NoduleCores([], np.zeros(0))
+    weights = np.power(np.array(sizes), -exponent)
+    return NoduleCores(cores, weights / weights.sum())
+
+
 def _batch(
     rng: np.random.Generator,
     recipe: NoduleRecipe,
     images: np.ndarray,
     targets: np.ndarray,
-    positives: list[np.ndarray],
+    positives: list[np.ndarray] | list[NoduleCores],
     decoys: list[np.ndarray],
     indices: np.ndarray,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +238,14 @@ def _batch(
     def start(i: int) -> tuple[int, int, int]:
         draw = rng.random()
         centre: np.ndarray | None = None
-        if draw < spec.positive_crop_fraction and len(positives[i]):
-            centre = positives[i][rng.integers(len(positives[i]))]
+        found = positives[i]
+        if draw < spec.positive_crop_fraction and isinstance(found, NoduleCores):
+            if found.cores:
+                core = found.cores[int(rng.choice(len(found.cores), p=found.weights))]
+                centre = core[rng.integers(len(core))]
+        elif (draw < spec.positive_crop_fraction and isinstance(found, np.ndarray)
+              and len(found)):
+            centre = found[rng.integers(len(found))]
         elif draw >= 1.0 - spec.decoy_crop_fraction and len(decoys[i]):
             centre = decoys[i][rng.integers(len(decoys[i]))]
         return _crop_start(rng, images.shape[1:], spec.crop, centre)
@@ -233,7 +272,11 @@ def train_nodules(
         lambda case: preprocess_case(recipe, case),
         console,
     )
-    positives = positive_coords(targets, np.random.default_rng([seed, 99]))
+    exponent = recipe.training.nodule_size_exponent
+    positives: list[np.ndarray] | list[NoduleCores] = (
+        positive_coords(targets, np.random.default_rng([seed, 99])) if exponent is None
+        else [nodule_cores(t, exponent) for t in targets]
+    )
     decoys = [np.array(m["decoy_points"], dtype=float).reshape(-1, 3) for m in meta]
     with_nodules = sum(1 for m in meta if m["nodules"])
     console.log(
@@ -248,7 +291,7 @@ def train_nodules(
         console=console,
         train_cases=len(images),
         sample=lambda rng, batch: _batch(rng, recipe, images, targets, positives, decoys, batch),
-        loss_fn=DiceCELoss(sigmoid=True, batch=True),
+        loss_fn=DiceCELoss(sigmoid=True, batch=recipe.training.dice_batch),
         validate=lambda model: validate(
             model, val_images, val_targets, recipe.probability_threshold
         ),
@@ -333,9 +376,18 @@ def export_nodules(
             "solid nodules per case, log-uniform 3–30 mm, spherical or lobulated, −150 to "
             f"+60 HU, 30 % juxtapleural, one 30–40 mm mass in {spec.mass_fraction:.0%} of "
             "cases with nodules; 3–8 branching soft-tissue vessel trees per case as decoys, "
-            f"{spec.decoy_crop_fraction:.0%} of training crops centred on them"
+            f"{spec.decoy_crop_fraction:.0%} of training crops centred on them; "
+            + (
+                f"{spec.positive_crop_fraction:.0%} centred on a nodule voxel drawn uniformly"
+                if spec.nodule_size_exponent is None
+                else f"{spec.positive_crop_fraction:.0%} centred on a nodule drawn with "
+                f"probability ∝ (target volume)^−{spec.nodule_size_exponent:g} (small "
+                "nodules favoured)"
+            )
         ),
-        loss="DiceCELoss(sigmoid=True, batch=True), soft (area-resized) targets",
+        loss=(
+            f"DiceCELoss(sigmoid=True, batch={spec.dice_batch}), soft (area-resized) targets"
+        ),
         data_seconds=sum(c.build_seconds() for c in caches) or saved["state"]["data_seconds"],
         parity=parity,
     )
@@ -747,8 +799,15 @@ def render_nodule_card(recipe: NoduleRecipe, engine_dir: Path) -> str:
         "over the nodule's slices, between voxel centres plus one pixel (how a radiologist "
         "measures a nodule on the axial image) |",
         "| `short_axis_diameter_mm` | width perpendicular to the long axis on that slice |",
-        "| Score | highest voxel probability inside the nodule, calibrated (below); "
-        "`raw_score` keeps the uncalibrated value |",
+        (
+            "| Score | highest voxel logit inside the nodule (network output before the "
+            "sigmoid, resampled like the probabilities; it does not saturate as the "
+            "probability does), calibrated (below); `raw_score` keeps the uncalibrated "
+            "logit |"
+            if manifest.finding_score == "peak_logit"
+            else "| Score | highest voxel probability inside the nodule, calibrated (below); "
+            "`raw_score` keeps the uncalibrated value |"
+        ),
         "",
         *(
             [

@@ -133,3 +133,16 @@ def test_the_margin_over_false_alarms_never_costs_sensitivity() -> None:
     by_volume = {r["critical_volume_ml"]: r for r in chosen["sweep"]}
     assert by_volume[2.0]["sensitivity_ge_min_ml"] < 0.95 <= by_volume[1.0][
         "sensitivity_ge_min_ml"]
+
+
+def test_logit_scores_are_fitted_as_they_are_not_clipped() -> None:
+    """``finding_score: peak_logit``: scores beyond the 1e-6 clip still rank (and separate)."""
+    logits = [30.0, 28.0, 26.0, 24.0, 16.0, 15.0, 14.5, 14.0]
+    real = [True, True, True, True, False, False, False, False]
+    spec = fit_finding_calibration(logits, real, logits=True)
+    calibrated = [spec.probability(z) for z in logits]
+    assert calibrated == sorted(calibrated, reverse=True)
+    assert min(calibrated[:4]) > 0.5 > max(calibrated[4:])
+    # Through the clipped probability the same findings would all look alike.
+    probabilities = [1.0 / (1.0 + np.exp(-z)) for z in logits]
+    assert len({score_logit(p) for p in probabilities}) == 1

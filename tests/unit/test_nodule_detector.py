@@ -176,6 +176,8 @@ def test_a_plain_segmentation_manifest_is_refused(tmp_path: Path) -> None:
     shutil.copytree(ENGINE_DIR, folder)
     raw = json.loads((folder / "manifest.json").read_text())
     raw["postprocess"] = "mask"
+    # A peak-logit finding score is a nodule postprocessing's; a plain mask scores probabilities.
+    raw["finding_score"] = "peak_probability"
     (folder / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="postprocess"):
         NoduleDetector(folder / "manifest.json")
@@ -207,3 +209,36 @@ def test_nodule_findings_encode_as_seg_and_sr(detector: NoduleDetector, tmp_path
     assert "Pulmonary nodule" in text
     sides = {f.anatomic_region.meaning for f in result.findings if f.anatomic_region}
     assert sides and all(side in text for side in sides)
+
+
+def test_peak_logit_scores_do_not_saturate(tmp_path: Path) -> None:
+    """``finding_score: peak_logit``: two nodules the network is sure of (probability 1 in
+    float32) keep distinct raw scores, their peak logits, and are calibrated from them."""
+    folder = tmp_path / "engine"
+    shutil.copytree(ENGINE_DIR, folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw.update(finding_score="peak_logit", finding_threshold=None,
+               finding_calibration={"method": "platt", "slope": 0.5, "intercept": -10.0})
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    detector = NoduleDetector(folder / "manifest.json", threads=1)
+    low = np.full((1, *detector.manifest.input.shape), -20.0, np.float32)
+    low[0, 40:46, 60:70, 60:70] = 30.0
+    low[0, 40:44, 120:126, 120:126] = 24.0
+    hu = np.full((96, 192, 192), -850.0, np.float32)
+    volume = Volume(array=hu, spacing=(3.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
+                    orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), modality="CT",
+                    study_instance_uid="2.25.1", series_instance_uid="2.25.2",
+                    source_datasets=[])
+    findings = detector._findings(low, volume)
+    assert len(findings) == 2
+    scores = sorted(f.measurements["raw_score"] for f in findings)
+    assert scores == pytest.approx([24.0, 30.0])
+    assert all(f.measurements["max_probability"] == 1.0 for f in findings)
+    for f in findings:
+        z = 0.5 * f.measurements["raw_score"] - 10.0
+        assert f.score == pytest.approx(1.0 / (1.0 + np.exp(-z)))
+    # Not for a plain segmentation manifest.
+    raw["postprocess"] = "mask"
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="peak_logit"):
+        SegmentationDetector(folder / "manifest.json")

@@ -226,6 +226,12 @@ class Manifest(_Strict):
     """Segmentation: a finding whose score (calibrated when ``finding_calibration`` is set)
     is below this is not reported. ``calibrate`` sets it to keep ``target`` (95 %) of the
     true findings on validation phantoms; None: every finding is reported."""
+    finding_score: Literal["peak_probability", "peak_logit"] = "peak_probability"
+    """Nodules: a finding's raw score. ``peak_probability``: its highest voxel probability,
+    whose clipped logit ``finding_calibration`` maps (saturates once the network is sure to
+    1e-6); ``peak_logit``: its highest voxel logit (the network output before the sigmoid,
+    resampled like the probabilities), which ``finding_calibration`` maps as it is and which
+    does not saturate."""
     engine: EngineFileSpec
     parity: ParitySpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
@@ -253,6 +259,12 @@ class Manifest(_Strict):
                 )
         elif self.classification is not None:
             raise ValueError(f"a 'classification' block is not allowed with task {self.task}")
+        if self.finding_score == "peak_logit" and (
+            self.postprocess != "nodules" or self.output.activation != "sigmoid"
+        ):
+            raise ValueError(
+                "finding_score peak_logit needs postprocess nodules and a sigmoid output"
+            )
         return self
 
     def engine_path(self, manifest_dir: Path) -> Path:

@@ -17,10 +17,11 @@ first, each with:
 * the side: ``anatomic_region`` is the pre-coordinated SNOMED CT left or right lung
   structure and ``laterality`` the SCT Left/Right qualifier, from the centroid's patient x
   (LPS: +x is the patient's left);
-* ``score``: the highest voxel probability inside the nodule, calibrated into the
-  probability that the nodule is real when the manifest has a ``finding_calibration``
-  (``raw_score`` in the measurements keeps the uncalibrated value); nodules scoring below
-  the manifest's ``finding_threshold`` are not reported.
+* ``score``: the highest voxel probability inside the nodule (with the manifest's
+  ``finding_score: peak_logit``, the highest voxel logit, which does not saturate), calibrated
+  into the probability that the nodule is real when the manifest has a
+  ``finding_calibration`` (``raw_score`` in the measurements keeps the uncalibrated value);
+  nodules scoring below the manifest's ``finding_threshold`` are not reported.
 
 Urgency (PS3.16 has no code for it; the node's worklist tiers): URGENT when any nodule's
 long-axis diameter reaches ``urgent_diameter_mm`` (30 mm: a lung *mass*), ROUTINE when there
@@ -103,6 +104,15 @@ def axial_long_axis_mm(mask: np.ndarray, pixel_mm: tuple[float, float]) -> tuple
     return best[0] + pixel, best[1] + pixel
 
 
+def _component_peak(values: np.ndarray, labels: np.ndarray,
+                    objects: list[tuple[slice, ...] | None], component: int) -> float:
+    """The largest of ``values`` over ``labels == component``, within its bounding box."""
+    where = objects[component - 1]
+    if where is None:
+        return -np.inf
+    return float(values[where][labels[where] == component].max())
+
+
 class NoduleDetector(SegmentationDetector):
     """A ``postprocess: nodules`` segmentation detector (see the module docstring).
 
@@ -147,9 +157,11 @@ class NoduleDetector(SegmentationDetector):
             probabilities = _sigmoid(channel)
         else:
             probabilities = np.clip(channel, 0.0, 1.0)
-        return self._nodules(label, probabilities, volume)
+        logits = channel if self.manifest.finding_score == "peak_logit" else None
+        return self._nodules(label, probabilities, volume, logits)
 
-    def _nodules(self, label: LabelSpec, low: np.ndarray, volume: Volume) -> list[Finding]:
+    def _nodules(self, label: LabelSpec, low: np.ndarray, volume: Volume,
+                 low_logits: np.ndarray | None = None) -> list[Finding]:
         threshold = np.float32(self.manifest.probability_threshold)
         candidates = low >= threshold
         if not candidates.any():
@@ -175,13 +187,16 @@ class NoduleDetector(SegmentationDetector):
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         sizes_ml = sizes * volume.voxel_volume_ml
         keep = [i for i in range(1, count + 1) if sizes_ml[i] >= self.manifest.min_component_ml]
-        # A nodule's score is its peak probability (calibrated): below the manifest's
-        # finding_threshold it is not reported.
-        peaks = ndimage.maximum(probabilities, labels, index=keep) if keep else []
-        keep = [i for i, peak in zip(keep, np.atleast_1d(peaks), strict=True)
-                if self.reportable(self.calibrated(float(peak)))]
-        keep = sorted(keep, key=lambda i: -int(sizes[i]))[:MAX_NODULES]
+        # A nodule's score is its peak probability, or with ``finding_score: peak_logit`` its
+        # peak logit (resampled the same way; it does not saturate), calibrated: below the
+        # manifest's finding_threshold it is not reported.
+        raw = probabilities if low_logits is None else _resample_box(low_logits, maps, box)
         objects = ndimage.find_objects(labels)
+        # Each component's peak inside its own bounding box (ndimage.maximum with an index
+        # list sorts the whole box: slow once the box spans both lungs).
+        keep = [i for i in keep
+                if self.reportable(self.calibrated(_component_peak(raw, labels, objects, i)))]
+        keep = sorted(keep, key=lambda i: -int(sizes[i]))[:MAX_NODULES]
         offset = np.array([box[0].start, box[1].start, box[2].start], dtype=float)
         pixel_mm = (volume.spacing[1], volume.spacing[2])
         findings: list[Finding] = []
@@ -191,6 +206,7 @@ class NoduleDetector(SegmentationDetector):
                 continue
             local = labels[where] == component
             inside = probabilities[where][local]
+            raw_score = float(raw[where][local].max())
             z, y, x = (slice(s.start + int(o), s.stop + int(o))
                        for s, o in zip(where, offset, strict=True))
             full_where = (z, y, x)
@@ -213,7 +229,7 @@ class NoduleDetector(SegmentationDetector):
                     category=label.category.to_code(),
                     anatomic_region=LEFT_LUNG if left else RIGHT_LUNG,
                     laterality=LEFT if left else RIGHT,
-                    score=self.calibrated(float(inside.max())),
+                    score=self.calibrated(raw_score),
                     tracking_id=f"{self.name}/nodule-{number}",
                     mask=mask,
                     volume_ml=volume_ml,
@@ -224,7 +240,7 @@ class NoduleDetector(SegmentationDetector):
                         "volume_ml": volume_ml,
                         "mean_probability": float(inside.mean()),
                         "max_probability": float(inside.max()),
-                        "raw_score": float(inside.max()),
+                        "raw_score": raw_score,
                     },
                 )
             )

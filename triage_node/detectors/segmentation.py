@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from triage_node.detectors.engines import Engine, EngineOptions, load_engine
 from triage_node.detectors.findings import DetectorResult, Finding, Urgency
-from triage_node.detectors.manifest import LabelSpec, Manifest, load_manifest
+from triage_node.detectors.manifest import CalibrationSpec, LabelSpec, Manifest, load_manifest
 from triage_node.detectors.refine import refine_in_box
 from triage_node.detectors.transforms import (
     apply_preprocessing,
@@ -232,12 +232,24 @@ class SegmentationDetector:
             timings_s=timings,
         )
 
+    def score_to_logit(self, raw_score: float) -> float:
+        """What ``finding_calibration`` maps for a raw score: the clipped logit of a
+        probability summary, or the raw score itself when the manifest's ``finding_score``
+        is ``peak_logit`` (already a logit)."""
+        if self.manifest.finding_score == "peak_logit":
+            return raw_score
+        return score_logit(raw_score)
+
     def calibrated(self, raw_score: float) -> float:
         """A finding's reported score: its raw voxel-probability summary through the
         manifest's ``finding_calibration`` (Platt scaling of its logit), or the raw score
-        when the manifest has none."""
+        when the manifest has none (a ``peak_logit`` raw score through the sigmoid)."""
         spec = self.manifest.finding_calibration
-        return raw_score if spec is None else spec.probability(score_logit(raw_score))
+        if spec is None:
+            if self.manifest.finding_score == "peak_logit":
+                return CalibrationSpec(method="temperature", slope=1.0).probability(raw_score)
+            return raw_score
+        return spec.probability(self.score_to_logit(raw_score))
 
     def reportable(self, score: float) -> bool:
         """Whether a finding with this (calibrated) score reaches the manifest's
