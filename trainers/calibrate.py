@@ -38,7 +38,7 @@ from scipy import optimize
 
 from trainers.export import write_manifest
 from trainers.recipes import DetectorRecipe, NoduleRecipe
-from triage_node.detectors.manifest import CalibrationSpec, load_manifest
+from triage_node.detectors.manifest import CalibrationSpec, load_manifest, logistic
 from triage_node.detectors.nodules import NoduleDetector
 from triage_node.detectors.segmentation import SegmentationDetector, score_logit
 
@@ -253,8 +253,7 @@ def calibrate_findings(
         "slope": round(spec.slope, 6),
         "intercept": round(spec.intercept, 6),
         # A peak logit is not a probability: its Brier score is that of its sigmoid.
-        "brier_raw": round(brier([CalibrationSpec(method="temperature", slope=1.0)
-                                  .probability(detector.score_to_logit(s)) for s in scores],
+        "brier_raw": round(brier([logistic(detector.score_to_logit(s)) for s in scores],
                                  real), 4),
         "brier_calibrated": round(brier(calibrated, real), 4),
         "finding_threshold": threshold,

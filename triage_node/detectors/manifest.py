@@ -114,6 +114,14 @@ class ParitySpec(_Strict):
     tolerance: float = 1e-4
 
 
+def logistic(z: float) -> float:
+    """1 / (1 + e^-z), numerically stable for either sign of z."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    ez = math.exp(z)
+    return ez / (1.0 + ez)
+
+
 class CalibrationSpec(_Strict):
     """Maps a classifier's logit ``z`` to a calibrated probability.
 
@@ -127,12 +135,7 @@ class CalibrationSpec(_Strict):
     intercept: float = 0.0
 
     def probability(self, logit: float) -> float:
-        z = self.slope * logit + self.intercept
-        # Numerically stable logistic function for either sign of z.
-        if z >= 0:
-            return 1.0 / (1.0 + math.exp(-z))
-        ez = math.exp(z)
-        return ez / (1.0 + ez)
+        return logistic(self.slope * logit + self.intercept)
 
 
 class RefineSpec(_Strict):

@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from triage_node.detectors.engines import Engine, EngineOptions, load_engine
 from triage_node.detectors.findings import DetectorResult, Finding, Urgency
-from triage_node.detectors.manifest import CalibrationSpec, LabelSpec, Manifest, load_manifest
+from triage_node.detectors.manifest import LabelSpec, Manifest, load_manifest, logistic
 from triage_node.detectors.refine import refine_in_box
 from triage_node.detectors.transforms import (
     apply_preprocessing,
@@ -247,7 +247,7 @@ class SegmentationDetector:
         spec = self.manifest.finding_calibration
         if spec is None:
             if self.manifest.finding_score == "peak_logit":
-                return CalibrationSpec(method="temperature", slope=1.0).probability(raw_score)
+                return logistic(raw_score)
             return raw_score
         return spec.probability(self.score_to_logit(raw_score))
 
