@@ -291,7 +291,7 @@ def train_nodules(
         console=console,
         train_cases=len(images),
         sample=lambda rng, batch: _batch(rng, recipe, images, targets, positives, decoys, batch),
-        loss_fn=DiceCELoss(sigmoid=True, batch=recipe.training.dice_batch),
+        loss_fn=DiceCELoss(sigmoid=True, batch=not recipe.training.dice_per_case),
         validate=lambda model: validate(
             model, val_images, val_targets, recipe.probability_threshold
         ),
@@ -386,7 +386,7 @@ def export_nodules(
             )
         ),
         loss=(
-            f"DiceCELoss(sigmoid=True, batch={spec.dice_batch}), soft (area-resized) targets"
+            f"DiceCELoss(sigmoid=True, batch={not spec.dice_per_case}), soft (area-resized) targets"
         ),
         data_seconds=sum(c.build_seconds() for c in caches) or saved["state"]["data_seconds"],
         parity=parity,

@@ -802,9 +802,9 @@ class NoduleTrainingSpec:
     component of the soft target ≥ 0.2 on the network grid) is drawn with probability
     proportional to its target volume to the power −e (0: every nodule alike; 0.5 favours
     small ones), then a voxel of its core."""
-    dice_batch: bool = True
-    """DiceCELoss ``batch``: True pools the Dice over the batch (large nodules dominate);
-    False averages a Dice per crop, so a crop centred on a 6 mm nodule counts as much as one
+    dice_per_case: bool = False
+    """Dice over each crop on its own (``DiceCELoss(batch=False)``) rather than over the batch
+    (where large nodules dominate): a crop centred on a 6 mm nodule then counts as much as one
     on a mass."""
 
 
@@ -925,7 +925,7 @@ CT_CHEST_NODULE = NoduleRecipe(
         weight_decay=1e-5,
         val_every_epochs=10,
         nodule_size_exponent=0.5,
-        dice_batch=False,
+        dice_per_case=True,
     ),
     evaluation=NoduleEvaluationSpec(
         cases=40,
