@@ -12,7 +12,6 @@ removed (:meth:`Spool.clear_incoming`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import pydicom
 from triage_node.errors import InvalidDicomError
 from triage_node.logging import get_logger
 from triage_node.spool.index import InstanceIndex, Source, compare_with_known, read_header
-from triage_node.spool.store import Spool, SpooledFile
+from triage_node.spool.store import Spool, SpooledFile, sha256_of
 
 log = get_logger(__name__)
 
@@ -65,9 +64,9 @@ def reindex_unknown(spool: Spool, index: InstanceIndex) -> tuple[int, int]:
             log.error("spooled file cannot be re-indexed", stage="recovery", path=relative,
                       reason=str(exc))
             continue
-        digest = _content_sha256(data, path.stem.rsplit("-", 1)[-1])
+        resent, digest = compare_with_known(index, spool, header.sop_instance_uid, data)
+        digest = _checked_sha256(data, path.stem.rsplit("-", 1)[-1], digest)
         spooled = SpooledFile(relative, digest, len(data), already_present=True)
-        resent, _ = compare_with_known(index, spool, header.sop_instance_uid, data)
         if resent or not index.record(header, spooled, _source_of(data)).new_instance:
             spool.remove(spooled)
         else:
@@ -75,10 +74,11 @@ def reindex_unknown(spool: Spool, index: InstanceIndex) -> tuple[int, int]:
     return indexed, unreadable
 
 
-def _content_sha256(data: bytes, name_suffix: str) -> str:
-    """The content's sha256; a STOW-RS file's name ends with its first 16 hex digits (a
-    C-STORE file's with a random ``r…`` token), which is checked."""
-    digest = hashlib.sha256(data).hexdigest()
+def _checked_sha256(data: bytes, name_suffix: str, digest: str = "") -> str:
+    """The content's sha256 (``digest`` when it was computed already); a STOW-RS file's name
+    ends with its first 16 hex digits (a C-STORE file's with a random ``r…`` token), which is
+    checked."""
+    digest = digest or sha256_of(data)
     if not name_suffix.startswith("r") and not digest.startswith(name_suffix):
         log.warning("spooled file content does not match its name", stage="recovery")
     return digest
