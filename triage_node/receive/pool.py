@@ -21,10 +21,12 @@ import os
 import signal
 import socket
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from triage_node.config.models import NodeConfig
+from triage_node.errors import ConfigError
 from triage_node.logging import configure_logging, get_logger
 from triage_node.receive.ingest import Ingestor
 from triage_node.receive.scp import AssociationLimit, DicomReceiver, listen
@@ -44,7 +46,8 @@ def build_ingestor(config: NodeConfig, db: Database) -> Ingestor:
                     limits=config.limits)
 
 
-def _child(config_json: str, listener: socket.socket, counter: Any, parent_pid: int) -> None:
+def _child(config_json: str, listener: socket.socket, counter: Any, parent_pid: int,
+           ready: Any) -> None:
     """Entry point of a spawned receiving process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
     config = NodeConfig.model_validate_json(config_json)
@@ -55,6 +58,7 @@ def _child(config_json: str, listener: socket.socket, counter: Any, parent_pid: 
     receiver = DicomReceiver(config.dicom, build_ingestor(config, db), listener=listener,
                              limit=AssociationLimit(config.dicom.max_associations, counter))
     receiver.start()
+    ready.set()
     while not stop.wait(1.0):
         if os.getppid() != parent_pid:
             log.error("node process is gone; receiving process stops", stage="receive")
@@ -77,6 +81,7 @@ class ReceiverPool:
         self._local = DicomReceiver(config.dicom, ingestor, limit=self.limit)
         self._running = False
         self._children: list[BaseProcess] = []
+        self.start_timeout = 120.0
 
     @property
     def port(self) -> int:
@@ -90,14 +95,27 @@ class ReceiverPool:
         local._listener, local._owns_listener = self._listener, False
         context = multiprocessing.get_context("spawn")
         config_json = self.config.model_dump_json()
+        readiness = []
         for i in range(self.config.dicom.receiver_processes - 1):
+            ready = context.Event()
             child = context.Process(
                 target=_child, name=f"triage-node-receiver-{i + 1}", daemon=True,
-                args=(config_json, self._listener, self.limit.counter, os.getpid()))
+                args=(config_json, self._listener, self.limit.counter, os.getpid(), ready))
             child.start()
             self._children.append(child)
+            readiness.append((child, ready))
         local.start()
         self._running = True
+        # The node says it is up only when every receiving process accepts: a burst that
+        # arrived earlier would all go to the processes already there.
+        deadline = time.monotonic() + self.start_timeout
+        for child, ready in readiness:
+            while not ready.wait(0.1):
+                if not child.is_alive() or time.monotonic() > deadline:
+                    self.stop()
+                    raise ConfigError(
+                        f"receiving process {child.name} did not start "
+                        f"(exit code {child.exitcode}); see the log above")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._running:

@@ -175,10 +175,20 @@ def listen(config: DicomConfig) -> socket.socket:
         raise ConfigError(f"dicom: cannot listen on {config.host}:{config.port}: "
                           f"{exc.strerror}") from exc
     listener.listen(128)
-    # accept() wakes up twice a second to notice a stop; the processes sharing the socket
-    # poll it, and the one whose accept() loses the race simply polls again.
-    listener.settimeout(0.5)
+    # Blocking accept() in every process that shares the socket: Linux wakes one waiter per
+    # connection, the one that has waited longest, so the associations of a burst alternate
+    # between the receiving processes. (With a time-out, accept() is poll() then accept(),
+    # every poller wakes, and the process already running takes the whole burst.) A stop
+    # wakes the waiters by shutting the socket down (:func:`wake_listener`).
+    listener.settimeout(None)
     return listener
+
+
+def wake_listener(listener: socket.socket) -> None:
+    """Shut the listening socket down: every accept() waiting on it, in any process, returns
+    with an error and no new association is accepted (on Linux)."""
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
 
 
 class DicomReceiver:
@@ -233,6 +243,10 @@ class DicomReceiver:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, end every association (partial instances are discarded)."""
         self._stopping.set()
+        if self._listener is not None:
+            # Wakes the accept thread; a shared socket is then shut for every process, which
+            # is what stopping the pool means (see pool.py).
+            wake_listener(self._listener)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -253,8 +267,6 @@ class DicomReceiver:
         while not self._stopping.is_set():
             try:
                 sock, address = listener.accept()
-            except TimeoutError:
-                continue
             except OSError:
                 if self._stopping.is_set():
                     return
@@ -328,37 +340,88 @@ class _Association:
         self.calling_ae = ""
         self.called_ae = ""
         self.stats = _Stats()
+        # Received bytes not yet consumed are self._buffer[self._start:self._end]: one recv
+        # takes whatever the socket holds (the end of a fragment and the next PDV and PDU
+        # headers with it), so headers cost no system call of their own.
         self._buffer = bytearray(_READ_CHUNK)
         self._view = memoryview(self._buffer)
-        self._pending: bytes = b""
+        self._start = self._end = 0
         self._message: _Message | None = None
         self._command_bytes = bytearray()
         self.thread = threading.Thread(target=self.run, name="dicom-assoc", daemon=True)
 
     # -- socket reading -------------------------------------------------------------------------
 
+    def _set_timeout(self, seconds: float) -> None:
+        """Time-out of each receive and send. On a plain socket the kernel keeps it
+        (SO_RCVTIMEO/SO_SNDTIMEO: a blocking socket, one system call per receive); Python's own
+        time-outs poll() before every call. TLS keeps Python's (the ssl module expects it)."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(seconds)
+            return
+        self.sock.settimeout(None)
+        whole = int(seconds)
+        timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
     def _recv_into(self, view: memoryview) -> int:
-        n = self.sock.recv_into(view)
+        try:
+            n = self.sock.recv_into(view)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise TimeoutError from None
         if n == 0:
             raise _Closed
         return n
 
+    def _sendall(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO ran out
+            raise TimeoutError from None
+
     def _read_exact(self, n: int) -> bytes:
-        parts = bytearray()
+        start = self._start
+        if self._end - start < n:
+            size = len(self._buffer)
+            if n > size:
+                return self._read_large(n)
+            if start + n > size:  # not enough room after the unread bytes: move them first
+                kept = self._end - start
+                self._buffer[:kept] = self._view[start:self._end]
+                start, self._start, self._end = 0, 0, kept
+            while self._end - start < n:
+                self._end += self._recv_into(self._view[self._end:])
+        self._start = start + n
+        return bytes(self._view[start:start + n])
+
+    def _read_large(self, n: int) -> bytes:
+        """``n`` bytes when they do not fit the buffer (a large A-ASSOCIATE-RQ): read exactly
+        those, nothing past them."""
+        parts = bytearray(self._view[self._start:self._end])
+        self._start = self._end = 0
         while len(parts) < n:
-            chunk = self.sock.recv(n - len(parts))
+            try:
+                chunk = self.sock.recv(n - len(parts))
+            except BlockingIOError:
+                raise TimeoutError from None
             if not chunk:
                 raise _Closed
             parts += chunk
         return bytes(parts)
 
     def _stream(self, n: int, sink: IncomingFile | None) -> None:
-        """Move ``n`` bytes from the socket to ``sink`` (or nowhere) through one buffer."""
+        """Move ``n`` bytes from the socket to ``sink`` (or nowhere) through the buffer."""
+        view = self._view
         while n:
-            got = self._recv_into(self._view[:min(n, _READ_CHUNK)])
+            if self._start == self._end:
+                self._start = 0
+                self._end = self._recv_into(view)
+            take = min(n, self._end - self._start)
             if sink is not None:
-                sink.write(self._view[:got])
-            n -= got
+                sink.write(view[self._start:self._start + take])
+            self._start += take
+            n -= take
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -369,11 +432,12 @@ class _Association:
     def run(self) -> None:
         started = time.monotonic()
         try:
-            self.sock.settimeout(self.receiver.acse_timeout)
             if self.receiver.tls is not None:
+                self.sock.settimeout(self.receiver.acse_timeout)
                 self.sock = self.receiver.tls.wrap_socket(self.sock, server_side=True)
+            self._set_timeout(self.receiver.acse_timeout)
             if self._associate():
-                self.sock.settimeout(self.receiver.network_timeout)
+                self._set_timeout(self.receiver.network_timeout)
                 self._serve()
         except _Closed:
             if self.established and not self.receiver._stopping.is_set():
@@ -410,7 +474,7 @@ class _Association:
 
     def _send_quietly(self, data: bytes) -> None:
         with contextlib.suppress(OSError):
-            self.sock.sendall(data)
+            self._sendall(data)
 
     def _associate(self) -> bool:
         pdu_type, length = self._pdu_header()
@@ -422,13 +486,13 @@ class _Association:
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
         decision = self.receiver.negotiate(rq, self.peer_host)
         if isinstance(decision, Reject):
-            self.sock.sendall(encode_associate_rj(decision))
+            self._sendall(encode_associate_rj(decision))
             log.warning("association rejected", stage="receive", calling_ae=rq.calling_ae,
                         called_ae=rq.called_ae, peer_host=self.peer_host, reason=decision.text)
             return False
         self.contexts = {r.id: r for r in decision if r.result == 0}
         self.established = True  # holds a place in the association limit from here
-        self.sock.sendall(encode_associate_ac(rq, decision, self.receiver.max_pdu))
+        self._sendall(encode_associate_ac(rq, decision, self.receiver.max_pdu))
         log.info("association accepted", stage="receive", calling_ae=rq.calling_ae,
                  peer_host=self.peer_host, count=len(self.contexts))
         return True
@@ -445,7 +509,7 @@ class _Association:
                 self._p_data(length)
             elif pdu_type == PduType.RELEASE_RQ:
                 self._read_exact(length)
-                self.sock.sendall(encode_release_rp())
+                self._sendall(encode_release_rp())
                 return
             elif pdu_type == PduType.ABORT:
                 self._read_exact(length)
@@ -553,5 +617,5 @@ class _Association:
         self._respond(message, status, reason if status != StoreStatus.SUCCESS else "")
 
     def _respond(self, message: _Message, status: int, comment: str = "") -> None:
-        self.sock.sendall(encode_p_data(message.context_id,
+        self._sendall(encode_p_data(message.context_id,
                                         encode_response(message.command, status, comment)))

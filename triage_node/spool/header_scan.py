@@ -24,6 +24,7 @@ import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 from pydicom.datadict import (
     dictionary_has_tag,
@@ -161,6 +162,15 @@ def _implicit_vr(tag: int) -> str | None:
     return vr if vr in _KNOWN_VRS else None  # "US or SS", "OB or OW", …: pydicom decides
 
 
+_CONVERTED: dict[tuple[str, str, bytes], str | list[str] | None] = {}
+"""Converted values by (VR, encoding, bytes). The instances of a series repeat most of their
+header (patient, study, series, equipment, geometry): each distinct value is converted once.
+A value that does not convert raises each time and is never stored."""
+_CACHED_VALUES = 16_384
+_CACHED_VALUE_BYTES = 256
+_MISSING = object()
+
+
 class _Skip(Exception):
     """Not for the fast path: read this instance with pydicom."""
 
@@ -174,23 +184,35 @@ class ScannedHeader:
     """Offset of the pixel data element, or the length of the bytes when there is none."""
 
 
+_ELEMENT = struct.Struct("<HHHH").unpack_from
+"""Group, element, then the next four bytes as two halves: the VR and the short length of an
+explicit VR element, or the two halves of an implicit one's 32-bit length."""
+_LENGTH = struct.Struct("<L").unpack_from
+_VR_CODES: dict[int, tuple[str, bool]] = {
+    int.from_bytes(vr.encode("ascii"), "little"): (vr, vr in _LONG_LENGTH_VRS)
+    for vr in _KNOWN_VRS}
+"""Known VRs by their two bytes read as a little endian number, with whether a 32-bit length
+follows (PS3.5 7.1.2)."""
+
+
 def _element_header(data: Received, pos: int, end: int, implicit: bool) -> tuple[int, str | None,
                                                                                  int, int]:
     """(tag, VR or None when implicit, value length, value offset) of the element at ``pos``."""
     if pos + 8 > end:
         raise _Skip
-    group, element, length = struct.unpack_from("<HHL", data, pos)
+    group, element, low, high = _ELEMENT(data, pos)
     tag = group << 16 | element
     if implicit or group == 0xFFFE:
-        return tag, None, length, pos + 8
-    vr = bytes(data[pos + 4:pos + 6]).decode("ascii", "replace")
-    if vr in _LONG_LENGTH_VRS:
+        return tag, None, low | high << 16, pos + 8
+    known = _VR_CODES.get(low)
+    if known is None:
+        raise _Skip
+    vr, long_length = known
+    if long_length:
         if pos + 12 > end:
             raise _Skip
-        return tag, vr, struct.unpack_from("<L", data, pos + 8)[0], pos + 12
-    if vr not in _KNOWN_VRS:
-        raise _Skip
-    return tag, vr, length >> 16, pos + 8
+        return tag, vr, _LENGTH(data, pos + 8)[0], pos + 12
+    return tag, vr, high, pos + 8
 
 
 def _skip_sequence(data: Received, pos: int, end: int, implicit: bool, depth: int) -> int:
@@ -251,9 +273,27 @@ def _scan(data: Received) -> ScannedHeader:
     pixel_representation: int | None = None
     last_tag = -1
     encoding = "ascii"
+    element_at, vr_codes, pixel_tags = _ELEMENT, _VR_CODES, _PIXEL_TAGS
     while pos < end:
-        tag, vr, length, at = _element_header(data, pos, end, implicit)
-        if tag in _PIXEL_TAGS:
+        # _element_header, inlined: this loop runs for every element of every instance.
+        if pos + 8 > end:
+            raise _Skip
+        group, element, low, high = element_at(data, pos)
+        tag = group << 16 | element
+        if implicit or group == 0xFFFE:
+            vr, length, at = None, low | high << 16, pos + 8
+        else:
+            known = vr_codes.get(low)
+            if known is None:
+                raise _Skip
+            vr = known[0]
+            if known[1]:
+                if pos + 12 > end:
+                    raise _Skip
+                length, at = _LENGTH(data, pos + 8)[0], pos + 12
+            else:
+                length, at = high, pos + 8
+        if tag in pixel_tags:
             break
         if tag >> 16 in (0x0002, 0xFFFE) or tag <= last_tag:
             raise _Skip  # out of order or repeated: pydicom decides which one counts
@@ -289,15 +329,27 @@ def _scan(data: Received) -> ScannedHeader:
     if not raws:
         raise _Skip  # empty data sets and the like: pydicom says what is wrong
     attributes: dict[str, str | list[str]] = {}
+    converted_values = _CONVERTED
     try:
         for tag, vr, at, length in raws:
-            value = bytes(data[at:at + length])
             if not length:
                 continue
-            converted = (raw_text(value, vr, encoding) if vr in TEXT_VRS
-                         else raw_tags(value) if vr == "AT" else raw_numbers(value, vr))
+            value = bytes(data[at:at + length])
+            key = (vr, encoding, value)
+            cached = converted_values.get(key, _MISSING)
+            converted: str | list[str] | None
+            if cached is not _MISSING:
+                converted = cast("str | list[str] | None", cached)
+            else:
+                converted = (raw_text(value, vr, encoding) if vr in TEXT_VRS
+                             else raw_tags(value) if vr == "AT" else raw_numbers(value, vr))
+                if length <= _CACHED_VALUE_BYTES:
+                    if len(converted_values) >= _CACHED_VALUES:
+                        converted_values.clear()
+                    converted_values[key] = converted
             if converted is not None:
-                attributes[attribute_key(tag)] = converted
+                attributes[attribute_key(tag)] = (
+                    converted if isinstance(converted, str) else list(converted))
     except (UnicodeDecodeError, ValueError, struct.error):
         raise _Skip from None
     for keyword in _GEOMETRY:  # the checks convert these; pydicom's IS/US rules differ at edges

@@ -162,7 +162,7 @@ def scan_head(head: bytes | bytearray) -> ScannedHeader | None:
     pixel data (a longer header, or an instance without pixels) gives None, and the header is
     read from the whole file once it is in.
     """
-    scanned = scan(head)  # type: ignore[arg-type]  # a bytearray reads like bytes here
+    scanned = scan(bytes(head))  # one copy; slices of bytes are then bytes, not copies
     if scanned is None or scanned.stop_offset >= len(head):
         return None
     return scanned

@@ -16,20 +16,50 @@ that matters (:func:`triage_node.spool.index.compare_with_known`), not for every
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
 import os
-import queue
 import secrets
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 HEAD_BYTES = 65_536
 """How much of the start of an incoming file :class:`IncomingFile` keeps in memory, so that
 the receiver can read the header while the rest of the instance is still arriving."""
+
+
+WRITEBACK_BYTES = 131_072
+"""An incoming file's pages are handed to the disk (``sync_file_range``) every this many
+bytes, while the rest of the instance arrives."""
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``sync_file_range(2)`` from the C library, or None elsewhere.
+
+    It only starts writeback (no wait, no metadata, no durability of its own): the
+    ``fdatasync`` before Success is still what makes the bytes durable. Called through ctypes,
+    which releases the interpreter lock for the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_start_writeback = _writeback_starter()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,39 +71,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _create_part(folder: Path) -> tuple[Path, int]:
+    # Read-write, so that the header can be mapped from the same descriptor (IncomingFile.map).
     path = folder / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
-    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-
-
-class _PartPool:
-    """Empty ``.part`` files created ahead of need by a background thread.
-
-    Creating a file waits on the file system's journal, which an ``fdatasync`` on another
-    association may be committing at that moment; done ahead, it overlaps the network wait
-    instead of delaying the next instance. Started on first use, i.e. after the spool's
-    recovery has cleared ``incoming/``.
-    """
-
-    def __init__(self, folder: Path, size: int = 8) -> None:
-        self.folder = folder
-        self._ready: queue.Queue[tuple[Path, int]] = queue.Queue(maxsize=size)
-        self._thread = threading.Thread(target=self._fill, name="spool-part-pool", daemon=True)
-        self._thread.start()
-
-    def _fill(self) -> None:
-        while True:
-            try:
-                created = _create_part(self.folder)
-            except OSError:
-                time.sleep(1.0)  # the disk is unwell: take() creates (and reports) itself
-                continue
-            self._ready.put(created)
-
-    def take(self) -> tuple[Path, int]:
-        try:
-            return self._ready.get_nowait()
-        except queue.Empty:
-            return _create_part(self.folder)
+    return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -111,11 +111,12 @@ class IncomingFile:
     crash are removed when the spool opens: the sender was not told Success for them.
     """
 
-    def __init__(self, folder: Path, created: tuple[Path, int] | None = None) -> None:
-        self.path, fd = created or _create_part(folder)
+    def __init__(self, folder: Path) -> None:
+        self.path, fd = _create_part(folder)
         self._fd: int | None = fd
         self.size = 0
         self.head = bytearray()
+        self._unflushed = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after seal"
@@ -126,12 +127,19 @@ class IncomingFile:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+        self._unflushed += len(data)
+        if self._unflushed >= WRITEBACK_BYTES and _start_writeback is not None:
+            # Start writing these pages to the disk now, while the rest is still arriving:
+            # the fdatasync before Success then waits only for the tail and the journal.
+            _start_writeback(self._fd, self.size - self._unflushed, self._unflushed,
+                             _SYNC_FILE_RANGE_WRITE)
+            self._unflushed = 0
 
     def map(self) -> mmap.mmap:
         """The bytes written so far, mapped read-only (never empty: the receiver writes the
         file meta first)."""
-        with self.path.open("rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert self._fd is not None, "map after seal"
+        return mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
 
     def seal(self) -> None:
         """Flush the bytes to disk and close."""
@@ -179,15 +187,14 @@ class Spool:
         (root / "quarantine").mkdir(parents=True, exist_ok=True)
         self.incoming_dir = root / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
-        self._pool: _PartPool | None = None
-        self._pool_lock = threading.Lock()
+        self._receiving = False
 
     def clear_incoming(self) -> int:
         """Remove partial files a previous run left (never acknowledged); returns how many.
 
         Only this process's receiver writes here, so call it before the receiver starts.
         """
-        if self._pool is not None:
+        if self._receiving:
             raise RuntimeError("clear_incoming after receiving started would remove live files")
         removed = 0
         for leftover in self.incoming_dir.glob("*.part"):
@@ -196,10 +203,8 @@ class Spool:
         return removed
 
     def incoming(self) -> IncomingFile:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = _PartPool(self.incoming_dir)
-        return IncomingFile(self.incoming_dir, self._pool.take())
+        self._receiving = True
+        return IncomingFile(self.incoming_dir)
 
     def _relative(self, study_key: str, sop_instance_uid: str, suffix: str) -> str:
         name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
