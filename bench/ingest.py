@@ -5,8 +5,9 @@ One run, same machine, same sender (DCMTK ``storescu``, ``TCP_NODELAY=1``), same
 * ``storescp``   — DCMTK's store SCP writing files (``--fork`` so it takes parallel associations);
 * ``orthanc``    — a throwaway Debian Orthanc (index + storage on the same disk);
 * ``triage-node``— ``triage-node serve`` with the demo configuration: bytes fsynced and renamed,
-  indexed in SQLite, before each Success; ``triage-node/2p`` the same with two receiving
-  processes (``dicom.receiver_processes: 2``).
+  indexed in SQLite, before each Success, with the default number of receiving processes (one
+  per core, at most 4); ``triage-node/1p`` the same with one receiving process
+  (``dicom.receiver_processes: 1``).
 
 Orthanc flushes each instance to disk (``SyncStorageArea``, on by default since 1.7.4), as
 triage-node does before its Success (PS3.4 B.2.2); DCMTK ``storescp`` does not flush at all,
@@ -25,8 +26,9 @@ Then 2,000 instances (4 studies) go to triage-node over 4 associations while its
 memory is sampled: the peak (sum over the node's processes) must stay flat, not grow with the
 number of instances received.
 
-Run: ``python -m bench.ingest`` (about 6 minutes). ``--instances`` changes the study size,
-``--repeats`` the number of runs each figure is the median of (default 3).
+Run: ``python -m bench.ingest`` (about 8 minutes). ``--instances`` changes the study size,
+``--repeats`` the number of runs each figure is the median of (default 5: on a shared
+machine one run can be 25 % off the next).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ import numpy as np
 
 from deploy.demo.node import NodeProcess, write_node_config
 from deploy.demo.orthanc import LocalOrthanc, free_port
+from deploy.demo.senders import dcmtk
 from trainers.phantoms.dicom import write_ct_series
+from triage_node.config.models import default_receiver_processes
 from triage_node.spool.index import read_header, read_header_with_pydicom
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -85,7 +89,7 @@ def send(folders: list[Path], port: int, called_aet: str) -> float:
     """One ``storescu`` per folder, all at once; returns the wall time until all finished."""
     started = time.perf_counter()
     procs = [
-        subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", called_aet, "+sd", "+r",
+        subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", called_aet, "+sd", "+r",
                           "127.0.0.1", str(port), str(folder)],
                          env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for folder in folders
@@ -112,7 +116,7 @@ def start_storescp(work: Path) -> Receiver:
     out = work / "storescp-out"
     out.mkdir(parents=True)
     port = free_port()
-    proc = subprocess.Popen(["storescp", "--fork", "-od", str(out), "-aet", "STORESCP",
+    proc = subprocess.Popen([dcmtk("storescp"), "--fork", "-od", str(out), "-aet", "STORESCP",
                              "--max-pdu", "131072", str(port)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
@@ -267,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--only", choices=["storescp", "orthanc", "triage-node"], nargs="*")
     parser.add_argument("--memory-instances", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="measure each receiver and association count this many times "
-                             "(in turns) and report the median (default: 3)")
-    parser.add_argument("--receiver-processes", type=int, nargs="*", default=[2],
+                             "(in turns) and report the median (default: 5)")
+    parser.add_argument("--receiver-processes", type=int, nargs="*", default=[1],
                         help="also run triage-node with these dicom.receiver_processes "
-                             "(default: 2, beside the configured default of 1)")
+                             "(default: 1, beside the default of one per core)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
@@ -283,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"storage: fdatasync of a new 512 KiB file {file_s * 1000:.2f} ms, fsync of its "
               f"folder {folder_s * 1000:.2f} ms (medians of 100) → durability alone caps one "
               f"association at {1 / (file_s + folder_s):.0f} inst/s", flush=True)
+        print(f"triage-node's default here: {default_receiver_processes()} receiving "
+              f"process(es)", flush=True)
         fast_s, pydicom_s = header_costs(files)
         print(f"header: read from the bytes (spool/header_scan.py) {fast_s * 1000:.3f} ms, "
               f"with pydicom {pydicom_s * 1000:.3f} ms per instance (medians over the study)",

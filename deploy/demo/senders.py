@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+
+def dcmtk(tool: str) -> str:
+    """The path of a DCMTK tool (``storescu``, ``storescp``, …) on ``PATH``, skipping this
+    Python environment's own ``bin`` folder: pynetdicom installs commands of the same names
+    there, with other options, and an activated environment puts them first."""
+    ours = (Path(sys.prefix) / "bin").resolve()
+    folders = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+               if d and Path(d).resolve() != ours]
+    found = shutil.which(tool, path=os.pathsep.join(folders))
+    if found is None:
+        raise FileNotFoundError(f"{tool}: not found on PATH; install DCMTK "
+                                "(apt-get install dcmtk, or `make install`)")
+    return found
 
 
 def storescu(folder: Path, port: int, *, called_aet: str = "TRIAGE",
              calling_aet: str = "STORESCU", host: str = "127.0.0.1",
              extra: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Send every file in ``folder`` (recursively) over one association; raises on failure."""
-    cmd = ["storescu", "-aet", calling_aet, "-aec", called_aet, "+sd", "+r",
+    cmd = [dcmtk("storescu"), "-aet", calling_aet, "-aec", called_aet, "+sd", "+r",
            *(extra or []), host, str(port), str(folder)]
     env = {**os.environ, "TCP_NODELAY": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from deploy.demo.orthanc import LocalOrthanc, free_port
+from deploy.demo.senders import dcmtk
 from tests.helpers.dicom_results import (
     algorithm_info,
     blob_mask,
@@ -132,7 +133,8 @@ def storescp(tmp_path: Path) -> Iterator[Any]:
         log = tmp_path / f"storescp-{port}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                ["storescp", "-v", "-aet", "ARCHIVE", "-od", str(folder), *options, str(port)],
+                [dcmtk("storescp"), "-v", "-aet", "ARCHIVE", "-od", str(folder), *options,
+                 str(port)],
                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
         started.append(proc)
         _wait_port(port, proc)

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from deploy.demo.orthanc import free_port
+from deploy.demo.senders import dcmtk
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import DicomConfig, TrustedCaller
 from triage_node.errors import ConfigError
@@ -127,7 +128,7 @@ def test_storescu_sends_a_folder(receiver: DicomReceiver, tmp_path: Path) -> Non
     for name in ("CT_small.dcm", "MR_small.dcm"):
         (folder / name).write_bytes(_testfile(name).read_bytes())
     out = subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", "TRIAGE", "+sd", "127.0.0.1",
+        [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "TRIAGE", "+sd", "127.0.0.1",
          str(receiver.port), str(folder)],
         capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
     assert out.returncode == 0, out.stderr

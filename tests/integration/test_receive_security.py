@@ -16,6 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from deploy.demo.orthanc import free_port
+from deploy.demo.senders import dcmtk
 from tests.helpers.pki import make_pki
 from triage_node.config.models import DicomConfig, NodeConfig, TlsConfig, TrustedCaller
 from triage_node.errors import ConfigError
@@ -46,7 +47,7 @@ def _stored(receiver: DicomReceiver) -> int:
 
 
 def _storescu(port: int, *options: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "TRIAGE", *options,
+    return subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "TRIAGE", *options,
                            "127.0.0.1", str(port), str(CT)],
                           capture_output=True, text=True, env=ENV, timeout=60)
 
@@ -155,6 +156,48 @@ def test_association_limit_holds_across_receiving_processes(tmp_path: Path) -> N
         again.release()  # type: ignore[attr-defined]
         # Instances received by either process land in the one database.
         assert db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 1
+    finally:
+        pool.stop()
+        db.close()
+
+
+def _tcp_sockets(pid: int) -> int:
+    """Open sockets of a process (its descriptors that are sockets)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            continue  # closed meanwhile
+    return count
+
+
+def test_associations_are_shared_between_receiving_processes(tmp_path: Path) -> None:
+    """Four associations opened one after another land on both processes: each waits in a
+    blocking accept() and the kernel wakes the one that has waited longest (a poll()-based
+    accept let the process that was already running take every connection)."""
+    config = NodeConfig(data_dir=tmp_path / "data", dicom=DicomConfig(
+        port=free_port(), receiver_processes=2,
+        trusted_callers=[TrustedCaller(ae_title="PACS")]))
+    db = Database(config.data_dir / "state.sqlite3")
+    pool = ReceiverPool(config, build_ingestor(config, db))
+    pool.start()  # returns once the spawned process accepts too
+    try:
+        child = pool._children[0].pid
+        assert child is not None
+        before = {os.getpid(): _tcp_sockets(os.getpid()), child: _tcp_sockets(child)}
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage)
+        held = [ae.associate("127.0.0.1", pool.port, ae_title="TRIAGE") for _ in range(4)]
+        assert all(a.is_established for a in held)
+        # Our side of each association is a socket in the process that accepted it (the
+        # test's own process also holds the four requestor ends).
+        served_here = _tcp_sockets(os.getpid()) - before[os.getpid()] - 4
+        served_by_child = _tcp_sockets(child) - before[child]
+        assert (served_here, served_by_child) in ((2, 2), (1, 3), (3, 1))
+        for assoc in held:
+            assert assoc.send_c_store(pydicom.dcmread(CT)).Status == 0
+            assoc.release()
     finally:
         pool.stop()
         db.close()

@@ -8,6 +8,7 @@ files name the environment variables that hold them.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -60,6 +61,12 @@ class TlsConfig(_Strict):
     """When set, callers must present a certificate signed by one of these CAs."""
 
 
+def default_receiver_processes() -> int:
+    """One receiving process per CPU core this process may run on, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
+
+
 class DicomConfig(_Strict):
     ae_title: str = "TRIAGE"
     host: str = "127.0.0.1"
@@ -75,10 +82,12 @@ class DicomConfig(_Strict):
     size, so a large value costs no memory and saves per-PDU work on big images."""
     tls: TlsConfig | None = None
     """When set, the port speaks DICOM TLS only."""
-    receiver_processes: int = Field(default=1, ge=1, le=16)
-    """Processes accepting associations on the port; ``max_associations`` is the limit
-    across all of them. On a 2-core node one is as fast (bench/ingest.py); more are for nodes
-    with cores to spare and many concurrent senders (see docs/operations.md)."""
+    receiver_processes: int = Field(default_factory=lambda: default_receiver_processes(),
+                                    ge=1, le=16)
+    """Processes accepting associations on the port (default: one per CPU core the node may
+    use, at most 4); ``max_associations`` is the limit across all of them. One association is
+    served by one process, so more processes help when several senders send at once
+    (bench/ingest.py, docs/operations.md)."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -332,6 +332,18 @@ class GroupCommit:
         return pending.result
 
     def _commit(self, batch: list[_Pending]) -> None:
+        if len(batch) == 1:  # alone: its own transaction is its savepoint
+            pending = batch[0]
+            try:
+                with self.db.transaction() as conn:
+                    pending.result = pending.work(conn)
+            except Exception as exc:  # noqa: BLE001 - rolled back, reported to its caller
+                pending.result, pending.error = None, exc
+            finally:
+                pending.done = True
+                self.batches += 1
+                self.records += 1
+            return
         try:
             with self.db.transaction() as conn:
                 for pending in batch:
@@ -422,9 +434,11 @@ class InstanceIndex:
         update_series = (
             "UPDATE series SET instance_count = instance_count + ?, last_received = ?,"
             " completed_at = CASE WHEN expected_instances > 0 AND instance_count + ?"
-            " >= expected_instances THEN ? ELSE NULL END WHERE series_uid = ?",
+            " >= expected_instances THEN ? ELSE NULL END WHERE series_uid = ?"
+            " RETURNING attrs_json",
             (int(existing is None), now, int(existing is None), now, header.series_uid))
-        if conn.execute(*update_series).rowcount == 0:  # the series' first instance
+        updated = conn.execute(*update_series).fetchall()
+        if not updated:  # the series' first instance
             conn.execute(
                 "INSERT INTO series (series_uid, study_uid, series_key, modality, attrs_json,"
                 " first_received, expected_instances) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -432,9 +446,8 @@ class InstanceIndex:
                  header.modality, json.dumps(header.attributes), now,
                  _expected_instances(header.attributes)),
             )
-            conn.execute(*update_series)
-        series_json = conn.execute("SELECT attrs_json FROM series WHERE series_uid = ?",
-                                   (header.series_uid,)).fetchone()[0]
+            updated = conn.execute(*update_series).fetchall()
+        series_json = updated[0][0]
         delta = json.dumps(attribute_delta(self._parsed(series_json), header.attributes))
         # A changed instance (same UID, new bytes) replaces the row; the older file stays
         # in the spool, so nothing accepted is lost.
