@@ -15,7 +15,9 @@ so it is the ceiling of the machine's network and page cache, not a like-for-lik
 
 Each receiver gets the study over 1 association, then over 4 (the files split in 4 parts, one
 ``storescu`` per part, started together). Figures are instances/s and MB/s from the first
-association request to the last response, and the ratios to Orthanc and storescp.
+association request to the last response; the ratios to Orthanc and storescp are the
+medians over the repeats of the ratio within each repeat (receivers take turns, so the runs
+compared are seconds apart).
 
 First it measures what durability costs on this disk: the median ``fdatasync`` of a new
 file and ``fsync`` of its folder, the two flushes triage-node pays before each Success, and
@@ -310,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             measured = [r for r in receivers
                         if not args.only or r.name.split("/")[0] in args.only]
             for repeat in range(args.repeats):
-                for receiver in measured:
-                    for label, folders in ((1, one), (4, four)):
+                for label, folders in ((1, one), (4, four)):
+                    for receiver in measured:
                         receiver.reset()
                         cpu_before, sender_before = cpu_seconds(receiver.pids()), sender_cpu()
                         elapsed = send(folders, receiver.port, receiver.called_aet)
@@ -322,6 +324,15 @@ def main(argv: list[str] | None = None) -> int:
                               f"assoc: {elapsed:6.2f} s  {args.instances / elapsed:7.1f} inst/s",
                               flush=True)
             results = {key: float(np.median([r[0] for r in rs])) for key, rs in runs.items()}
+
+            def ratio(name: str, reference: str, label: int) -> float:
+                """Median over the repeats of the speed ratio within each repeat: the runs
+                compared follow each other within seconds, so a slow minute of the machine
+                slows both (a ratio of medians would mix minutes)."""
+                ours, theirs = runs[(name, label)], runs.get((reference, label))
+                if not theirs:
+                    return float("nan")
+                return float(np.median([t[0] / o[0] for o, t in zip(ours, theirs, strict=True)]))
             print(f"\n{args.instances} instances, {megabytes:.0f} MB, storescu → receiver, "
                   f"loopback, {os.cpu_count()} cores; median of {args.repeats} runs (range); "
                   f"CPU: ms per instance, receiver and sender")
@@ -331,12 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                 rates = sorted(args.instances / r[0] for r in runs[(name, label)])
                 cpu_rx = 1000 * float(np.median([r[1] for r in runs[(name, label)]]))
                 cpu_tx = 1000 * float(np.median([r[2] for r in runs[(name, label)]]))
-                ratio_o = results.get(("orthanc", label))
-                ratio_s = results.get(("storescp", label))
                 print(f"{name:<15} {label:>5} {args.instances / elapsed:8.1f} "
                       f"{rates[0]:5.0f}–{rates[-1]:<5.0f} {megabytes / elapsed:7.1f} "
-                      f"{(ratio_o / elapsed) if ratio_o else float('nan'):10.2f} "
-                      f"{(ratio_s / elapsed) if ratio_s else float('nan'):11.2f} "
+                      f"{ratio(name, 'orthanc', label):10.2f} "
+                      f"{ratio(name, 'storescp', label):11.2f} "
                       f"{cpu_rx / args.instances:7.2f} {cpu_tx / args.instances:7.2f}")
             if args.memory_instances and (not args.only or "triage-node" in args.only):
                 node = receivers[2]

@@ -387,9 +387,9 @@ class _Association:
             if n > size:
                 return self._read_large(n)
             if start + n > size:  # not enough room after the unread bytes: move them first
-                kept = self._end - start
-                self._buffer[:kept] = self._view[start:self._end]
-                start, self._start, self._end = 0, 0, kept
+                unread = bytes(self._view[start:self._end])  # a copy: the ranges may overlap
+                self._buffer[:len(unread)] = unread
+                start, self._start, self._end = 0, 0, len(unread)
             while self._end - start < n:
                 self._end += self._recv_into(self._view[self._end:])
         self._start = start + n
@@ -618,4 +618,4 @@ class _Association:
 
     def _respond(self, message: _Message, status: int, comment: str = "") -> None:
         self._sendall(encode_p_data(message.context_id,
-                                        encode_response(message.command, status, comment)))
+                                    encode_response(message.command, status, comment)))

@@ -1,0 +1,74 @@
+"""The association's socket reader (receive/scp.py): one buffer that a ``recv`` fills with
+whatever the socket holds, headers read from it, data set bytes streamed from it to the file.
+Whatever way the sender's bytes are cut by the network, what comes out must be the bytes in
+the order they were sent: fed here through a real socket pair in chunks of 1 byte to 300 KiB.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from triage_node.receive.scp import _READ_CHUNK, _Association, _Closed
+from triage_node.spool.store import IncomingFile
+
+
+def _feed(sock: socket.socket, data: bytes, rng: random.Random) -> None:
+    pos = 0
+    while pos < len(data):
+        size = rng.choice((1, 2, 5, 7, 13, 4096, 65_536, 131_072, 300_000))
+        sock.sendall(data[pos:pos + size])
+        pos += size
+        if rng.random() < 0.05:
+            time.sleep(0.001)  # let the reader drain the socket: short reads
+    sock.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reads_and_streams_give_back_the_bytes_in_order(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    # Headers (6 bytes, as PDU and PDV headers), data of all sizes, one larger than the buffer.
+    plan = [rng.choice(("read", "stream")) for _ in range(300)]
+    sizes = [rng.choice((1, 6, 6, 12, 300, 70_000, 262_140)) for _ in plan]
+    plan.insert(150, "read")
+    sizes.insert(150, _READ_CHUNK + 1000)  # an A-ASSOCIATE-RQ larger than the buffer
+    data = rng.randbytes(sum(sizes))
+    ours, theirs = socket.socketpair()
+    feeder = threading.Thread(target=_feed, args=(theirs, data, rng))
+    feeder.start()
+    assoc = _Association(None, ours, "127.0.0.1")  # type: ignore[arg-type]  # reads only
+    incoming = IncomingFile(tmp_path)
+    expected_file = bytearray()
+    pos = 0
+    for step, size in zip(plan, sizes, strict=True):
+        if step == "read":
+            assert assoc._read_exact(size) == data[pos:pos + size]
+        else:
+            assoc._stream(size, incoming)
+            expected_file += data[pos:pos + size]
+        pos += size
+    with pytest.raises(_Closed):  # nothing more: the peer closed its side
+        assoc._read_exact(1)
+    feeder.join()
+    incoming.seal()
+    assert incoming.path.read_bytes() == bytes(expected_file)
+    ours.close()
+    theirs.close()
+
+
+def test_a_silent_peer_times_out(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    assoc = _Association(None, ours, "127.0.0.1")  # type: ignore[arg-type]
+    assoc._set_timeout(0.2)  # the kernel's time-out (SO_RCVTIMEO): no poll() per read
+    theirs.sendall(b"\x04\x00")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        assoc._read_exact(6)
+    assert 0.15 < time.monotonic() - started < 5
+    ours.close()
+    theirs.close()
