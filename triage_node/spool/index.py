@@ -296,8 +296,9 @@ class GroupCommit:
     record included, in one transaction; threads that arrive meanwhile queue their records and
     wait for the next one. One thread alone commits each record at once, as before; many
     associations no longer take turns on SQLite's write lock (whose busy handler sleeps) for
-    a transaction each. Every record runs under its own savepoint: one that fails is rolled
-    back and reported to its own caller only; a failed commit is reported to all of the batch.
+    a transaction each. In a batch of several, every record runs under its own savepoint (a
+    record alone is its own transaction): one that fails is rolled back and reported to its
+    own caller only; a failed commit is reported to all of the batch.
     No caller returns before its record is committed, so Success still means "indexed".
     """
 
