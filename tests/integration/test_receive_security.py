@@ -182,6 +182,7 @@ def test_associations_are_shared_between_receiving_processes(tmp_path: Path) -> 
     db = Database(config.data_dir / "state.sqlite3")
     pool = ReceiverPool(config, build_ingestor(config, db))
     pool.start()  # returns once the spawned process accepts too
+    time.sleep(0.2)  # and its accept thread has reached accept() on a loaded machine
     try:
         child = pool._children[0].pid
         assert child is not None
