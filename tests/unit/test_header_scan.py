@@ -21,7 +21,7 @@ from pydicom.values import convert_value
 
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import LimitsConfig
-from triage_node.spool.header_scan import TEXT_VRS, raw_text, scan
+from triage_node.spool.header_scan import TEXT_VRS, ScannedHeader, raw_text, scan
 from triage_node.spool.index import _plain, read_header, read_header_with_pydicom, scan_head
 from triage_node.spool.store import HEAD_BYTES
 
@@ -84,14 +84,22 @@ def test_a_written_ct_series_takes_the_fast_path(tmp_path: Path) -> None:
         assert assert_same(path.read_bytes(), path.name)
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
-                                  "SC_rgb_rle.dcm", "rtplan.dcm"])
+CUT_FILES = ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
+             "rtplan.dcm"]
+"""pydicom test files cut at every offset of their header."""
+
+
+def header_end(scanned: ScannedHeader | None, data: bytes) -> int:
+    """Where the scanned header ends: the pixel data element, or the end of the bytes."""
+    return scanned.stop_offset if scanned is not None else len(data)
+
+
+@pytest.mark.parametrize("name", CUT_FILES)
 def test_every_truncation_reads_the_same(name: str) -> None:
     """Cut at every offset of the header and at a sample of offsets in the pixel data."""
     data = pydicom_file(name)
-    scanned = scan(data)
-    header_end = scanned.stop_offset if scanned is not None else len(data)
-    cuts = list(range(0, min(header_end + 16, len(data))))
+    end = header_end(scan(data), data)
+    cuts = list(range(0, min(end + 16, len(data))))
     cuts += random.Random(name).sample(range(len(data)), min(200, len(data)))
     for cut in cuts:
         assert_same(data[:cut], f"{name}[:{cut}]")
@@ -103,12 +111,12 @@ def test_corrupted_bytes_read_the_same(name: str) -> None:
     """Random bytes overwritten in the header: lengths, VRs, tags, values, delimiters."""
     data = pydicom_file(name)
     scanned = scan(data)
-    header_end = scanned.stop_offset + 12 if scanned is not None else len(data)
+    limit = scanned.stop_offset + 12 if scanned is not None else len(data)
     rng = random.Random(name)
     for trial in range(600):
         mutated = bytearray(data)
         for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(128, min(header_end, len(data)))
+            at = rng.randrange(128, min(limit, len(data)))
             mutated[at] = rng.choice([0x00, 0xFF, 0x20, 0x5C, 0x80, rng.randrange(256)])
         assert_same(bytes(mutated), f"{name} trial {trial}")
 
@@ -176,9 +184,8 @@ def test_a_head_read_early_gives_the_header_of_the_whole_file() -> None:
             continue
         data = Path(name).read_bytes()
         whole = scan(data)
-        header_end = whole.stop_offset if whole is not None else len(data)
-        cuts = {HEAD_BYTES, header_end, header_end + 1, header_end + 8, header_end + 9,
-                len(data) - 1}
+        end = header_end(whole, data)
+        cuts = {HEAD_BYTES, end, end + 1, end + 8, end + 9, len(data) - 1}
         for cut in sorted(c for c in cuts if 0 < c < len(data)):
             early = scan_head(bytearray(data[:cut]))
             if early is None:
@@ -190,16 +197,15 @@ def test_a_head_read_early_gives_the_header_of_the_whole_file() -> None:
     assert early_reads > 100, early_reads
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
-                                  "SC_rgb_rle.dcm", "rtplan.dcm"])
+@pytest.mark.parametrize("name", CUT_FILES)
 def test_a_head_cut_before_the_pixel_data_gives_nothing(name: str) -> None:
     data = pydicom_file(name)
     whole = scan(data)
-    header_end = whole.stop_offset if whole is not None else len(data)
-    for cut in range(0, min(header_end + 12, len(data))):
+    end = header_end(whole, data)
+    for cut in range(0, min(end + 12, len(data))):
         early = scan_head(bytearray(data[:cut]))
         # Only a cut past the pixel data element's tag can be read, and then it is the whole.
-        assert early is None or (cut > header_end and early == whole), (name, cut)
+        assert early is None or (cut > end and early == whole), (name, cut)
     if whole is not None and whole.stop_offset < len(data):
         # The pixel data element's header in full (12 bytes at most) is enough.
-        assert scan_head(bytearray(data[:header_end + 12])) == whole
+        assert scan_head(bytearray(data[:end + 12])) == whole
