@@ -307,3 +307,19 @@ def test_a_new_instance_is_not_hashed_and_a_resend_is_still_recognised(
     assert _receive(ingestor, data).status is IngestStatus.STORED
     assert _receive(ingestor, data).status is IngestStatus.DUPLICATE
     assert len(list(studies.rglob("*.dcm"))) == 3
+
+
+def test_a_lone_failing_record_is_rolled_back_and_reported(index: InstanceIndex) -> None:
+    def work(conn: sqlite3.Connection) -> RecordOutcome:
+        conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
+                     " first_received, last_received) VALUES ('half', 's-half', 'receiving',"
+                     " '{}', 0, 0)")
+        conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
+                     " first_received, last_received) VALUES ('half', 's-half', 'receiving',"
+                     " '{}', 0, 0)")  # the same study again: a constraint fails
+        return RecordOutcome("s-half", new_instance=True, reopened=False)
+
+    with pytest.raises(sqlite3.IntegrityError):
+        index.commits.run(work)
+    assert index.db.query("SELECT COUNT(*) FROM studies WHERE study_uid = 'half'")[0][0] == 0
+    assert (index.commits.batches, index.commits.records) == (1, 1)

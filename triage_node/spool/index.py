@@ -333,29 +333,22 @@ class GroupCommit:
         return pending.result
 
     def _commit(self, batch: list[_Pending]) -> None:
-        if len(batch) == 1:  # alone: its own transaction is its savepoint
-            pending = batch[0]
-            try:
-                with self.db.transaction() as conn:
-                    pending.result = pending.work(conn)
-            except Exception as exc:  # noqa: BLE001 - rolled back, reported to its caller
-                pending.result, pending.error = None, exc
-            finally:
-                pending.done = True
-                self.batches += 1
-                self.records += 1
-            return
+        savepoints = len(batch) > 1  # a record alone: its own transaction is its savepoint
         try:
             with self.db.transaction() as conn:
                 for pending in batch:
-                    conn.execute("SAVEPOINT record")
+                    if savepoints:
+                        conn.execute("SAVEPOINT record")
                     try:
                         pending.result = pending.work(conn)
-                    except Exception as exc:  # noqa: BLE001 - reported to its own caller
+                    except Exception as exc:  # reported to its own caller
+                        if not savepoints:
+                            raise  # the transaction rolls back: reported below
                         conn.execute("ROLLBACK TO record")
                         pending.error = exc
-                    conn.execute("RELEASE record")
-        except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: nothing is recorded
+                    if savepoints:
+                        conn.execute("RELEASE record")
+        except Exception as exc:  # noqa: BLE001 - BEGIN, COMMIT or a lone record failed
             for pending in batch:
                 pending.result, pending.error = None, pending.error or exc
         finally:
