@@ -99,11 +99,11 @@ class Ingestor:
             return self._unreadable(exc, source)
         study_key = self.index.keys.study_key(header.study_uid)
         try:
-            resent, _ = compare_with_known(self.index, self.spool, header.sop_instance_uid,
-                                           data)
+            resent, sha256 = compare_with_known(self.index, self.spool,
+                                                header.sop_instance_uid, data)
             if resent:
                 return self._duplicate(header, study_key)
-            spooled = self.spool.store(study_key, header.sop_instance_uid, data)
+            spooled = self.spool.store(study_key, header.sop_instance_uid, data, sha256)
         except OSError as exc:
             return self._write_failed(exc)
         return self._record(header, spooled, source, study_key)

@@ -263,8 +263,11 @@ class Spool:
         _fsync_dir(path.parent)
         return path
 
-    def store(self, study_key: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
-        content_hash = sha256_of(data)
+    def store(self, study_key: str, sop_instance_uid: str, data: bytes,
+              sha256: str = "") -> SpooledFile:
+        """Write an instance held in memory (STOW-RS) under its content's hash; ``sha256`` is
+        that hash when the caller already computed it."""
+        content_hash = sha256 or sha256_of(data)
         relative = self._relative(study_key, sop_instance_uid, content_hash)
         path = self.root / relative
         if path.exists() and path.stat().st_size == len(data):
