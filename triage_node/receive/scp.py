@@ -398,16 +398,13 @@ class _Association:
     def _read_large(self, n: int) -> bytes:
         """``n`` bytes when they do not fit the buffer (a large A-ASSOCIATE-RQ): read exactly
         those, nothing past them."""
-        parts = bytearray(self._view[self._start:self._end])
+        got = self._end - self._start
+        parts = bytearray(n)
+        parts[:got] = self._view[self._start:self._end]
         self._start = self._end = 0
-        while len(parts) < n:
-            try:
-                chunk = self.sock.recv(n - len(parts))
-            except BlockingIOError:
-                raise TimeoutError from None
-            if not chunk:
-                raise _Closed
-            parts += chunk
+        view = memoryview(parts)
+        while got < n:
+            got += self._recv_into(view[got:])
         return bytes(parts)
 
     def _stream(self, n: int, sink: IncomingFile | None) -> None:
