@@ -82,8 +82,7 @@ class DicomConfig(_Strict):
     size, so a large value costs no memory and saves per-PDU work on big images."""
     tls: TlsConfig | None = None
     """When set, the port speaks DICOM TLS only."""
-    receiver_processes: int = Field(default_factory=lambda: default_receiver_processes(),
-                                    ge=1, le=16)
+    receiver_processes: int = Field(default_factory=default_receiver_processes, ge=1, le=16)
     """Processes accepting associations on the port (default: one per CPU core the node may
     use, at most 4); ``max_associations`` is the limit across all of them. One association is
     served by one process, so more processes help when several senders send at once
