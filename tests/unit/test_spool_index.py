@@ -323,3 +323,134 @@ def test_a_lone_failing_record_is_rolled_back_and_reported(index: InstanceIndex)
         index.commits.run(work)
     assert index.db.query("SELECT COUNT(*) FROM studies WHERE study_uid = 'half'")[0][0] == 0
     assert (index.commits.batches, index.commits.records) == (1, 1)
+
+
+def _receive_behind(ingestor: Ingestor, data: bytes) -> IngestOutcome:
+    """As the C-STORE receiver does: the index row is written behind."""
+    incoming = ingestor.spool.incoming()
+    incoming.write(data)
+    return ingestor.ingest_incoming(incoming, SRC, record_later=True)
+
+
+def _hold_writer(index: InstanceIndex) -> tuple[threading.Event, threading.Event]:
+    """Make the index's background writer stop inside its next record until released."""
+    holding, release = threading.Event(), threading.Event()
+    original = index._record
+
+    def held(conn: sqlite3.Connection, *args: object) -> RecordOutcome:
+        holding.set()
+        assert release.wait(10)
+        return original(conn, *args)  # type: ignore[arg-type]
+
+    index._record = held  # type: ignore[method-assign,assignment]
+    return holding, release
+
+
+def test_rows_written_behind_are_batched_and_committed_by_flush(index: InstanceIndex) -> None:
+    """The receiver's rows go to a background writer that commits many per transaction; a
+    queued record is already known to the index; flush returns once all are committed."""
+    index.behind.interval = 0.5  # everything below is submitted well within one interval
+    uids = [f"1.2.826.0.1.3680043.8.498.98.{i}" for i in range(20)]
+    told: dict[str, RecordOutcome | None] = {}
+    index.commits.commit([])  # the first commit comes at once: spend it on nothing
+    for uid in uids:
+        spooled = SpooledFile(f"studies/x/{uid}.dcm", "", 7, False)
+        index.record_later(_header_for(uid), spooled, SRC,
+                           lambda outcome, error, uid=uid: told.__setitem__(uid, outcome))
+    known = index.known(uids[-1])
+    assert known is not None and (known.path, known.size) == (f"studies/x/{uids[-1]}.dcm", 7)
+    assert index.behind.flush(10)
+    assert sorted(told) == sorted(uids) and all(o and o.new_instance for o in told.values())
+    assert index.behind.pending(uids[-1]) is None
+    rows = index.db.query("SELECT sop_instance_uid FROM instances")
+    assert sorted(r[0] for r in rows) == sorted(uids)
+    assert index.commits.records == 20 and index.commits.batches <= 3  # not 20 transactions
+    assert index.behind.close(10)
+
+
+def test_a_resend_is_recognised_before_its_first_row_is_committed(
+        index: InstanceIndex, tmp_path: Path) -> None:
+    ingestor = Ingestor(Spool(tmp_path / "spool"), index)
+    holding, release = _hold_writer(index)
+    data = _ct_bytes()
+    assert _receive_behind(ingestor, data).status is IngestStatus.STORED
+    assert holding.wait(10)  # its row is being written, not committed
+    assert not index.db.query("SELECT 1 FROM instances")
+    assert _receive_behind(ingestor, data).status is IngestStatus.DUPLICATE
+    release.set()
+    assert ingestor.flush_records(10)
+    assert len(index.db.query("SELECT 1 FROM instances")) == 1
+    assert len(list((tmp_path / "spool" / "studies").rglob("*.dcm"))) == 1
+    assert ingestor.counters["stored"] == 1 and ingestor.counters["duplicate"] == 1
+    ingestor.close(10)
+
+
+def test_a_copy_recorded_elsewhere_first_is_removed_when_its_row_is_written(
+        index: InstanceIndex, tmp_path: Path) -> None:
+    """Changed bytes for a known UID arrive on two receiving processes at once: the second
+    row to be committed finds the same bytes recorded and its copy is removed."""
+    ingestor = Ingestor(Spool(tmp_path / "spool"), index)
+    other = Ingestor(Spool(tmp_path / "spool"),
+                     InstanceIndex(Database(tmp_path / "state.sqlite3"), index.keys))
+    data = _ct_bytes()
+    changed = data[:-2] + b"\x01\x02"
+    assert _receive(ingestor, data).status is IngestStatus.STORED
+    holding, release = _hold_writer(index)
+    assert _receive_behind(ingestor, changed).status is IngestStatus.STORED
+    assert holding.wait(10)
+    assert _receive(other, changed).status is IngestStatus.STORED  # the other process
+    release.set()
+    assert ingestor.flush_records(10)
+    studies = tmp_path / "spool" / "studies"
+    assert sorted(p.read_bytes() == changed for p in studies.rglob("*.dcm")) == [False, True]
+    assert ingestor.counters["stored"] == 1 and ingestor.counters["duplicate"] == 1
+    ingestor.close(10)
+
+
+def test_a_row_that_cannot_be_written_marks_the_spool_for_reindexing(
+        index: InstanceIndex, tmp_path: Path) -> None:
+    """A failing batch is tried again; a row given up on leaves the spool marked, and the next
+    start indexes the acknowledged file."""
+    from triage_node.spool.recovery import recover
+
+    spool = Spool(tmp_path / "spool")
+    ingestor = Ingestor(spool, index)
+    index.behind.attempts, index.behind.first_pause = 3, 0.01
+    calls = {"n": 0}
+
+    def broken(conn: sqlite3.Connection, *args: object) -> RecordOutcome:
+        calls["n"] += 1
+        raise sqlite3.OperationalError("disk I/O error")
+
+    original = index._record
+    index._record = broken  # type: ignore[method-assign,assignment]
+    assert _receive_behind(ingestor, _ct_bytes()).status is IngestStatus.STORED
+    assert ingestor.flush_records(10)
+    assert calls["n"] == 3
+    assert (spool.root / Spool.UNINDEXED).exists()
+    assert not index.db.query("SELECT 1 FROM instances")
+
+    # A passing failure: the second attempt commits, nothing is marked.
+    (spool.root / Spool.UNINDEXED).unlink()
+    calls["n"] = 0
+
+    def flaky(conn: sqlite3.Connection, *args: object) -> RecordOutcome:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return original(conn, *args)  # type: ignore[arg-type]
+
+    index._record = flaky  # type: ignore[method-assign,assignment]
+    second = Path(str(get_testdata_file("MR_small.dcm", download=False))).read_bytes()
+    assert _receive_behind(ingestor, second).status is IngestStatus.STORED
+    assert ingestor.close(10)
+    assert calls["n"] == 2 and not (spool.root / Spool.UNINDEXED).exists()
+    assert len(index.db.query("SELECT 1 FROM instances")) == 1
+
+    # Marked again by a row given up on; a clean stop, then the next start indexes it.
+    spool.mark_unindexed()
+    index._record = original  # type: ignore[method-assign]
+    report = recover(tmp_path, Spool(spool.root), index)  # the next run's spool
+    assert report.unclean and report.reindexed == 1
+    assert not (spool.root / Spool.UNINDEXED).exists()
+    assert len(index.db.query("SELECT 1 FROM instances")) == 2

@@ -20,6 +20,7 @@ from triage_node.spool.header_scan import ScannedHeader
 from triage_node.spool.index import (
     InstanceHeader,
     InstanceIndex,
+    RecordOutcome,
     Source,
     compare_with_known,
     read_header,
@@ -109,7 +110,8 @@ class Ingestor:
         return self._record(header, spooled, source, study_key)
 
     def ingest_incoming(self, incoming: IncomingFile, source: Source,
-                        early: ScannedHeader | None = None) -> IngestOutcome:
+                        early: ScannedHeader | None = None, *,
+                        record_later: bool = False) -> IngestOutcome:
         """Ingest an instance streamed to the spool's incoming folder (C-STORE).
 
         The file is parsed, renamed into its study folder (or quarantine), made durable and
@@ -117,6 +119,11 @@ class Ingestor:
         the sender keeps responsibility for it. ``early`` is the header the receiver read
         from the file's first bytes while the rest was arriving (:func:`scan_head`); the
         checks that need the whole file are made here.
+
+        With ``record_later`` the index row is written behind (:meth:`InstanceIndex.record_later`,
+        committed with others in a batch) and the outcome is STORED once the file is durable;
+        a re-send found only then is removed and counted as a duplicate. :meth:`flush_records`
+        waits for those rows.
         """
         try:
             # Mapped from the page cache: the header is parsed in place, nothing is copied.
@@ -151,12 +158,50 @@ class Ingestor:
                 return self._write_failed(exc)
         finally:
             data.close()
+        if record_later:
+            self.index.record_later(
+                header, spooled, source,
+                lambda result, error: self._recorded(result, error, spooled, study_key))
+            return self._count(IngestOutcome(IngestStatus.STORED, "", study_key,
+                                              header.sop_instance_uid, header.sop_class_uid))
         outcome = self._record(header, spooled, source, study_key)
         if outcome.status is IngestStatus.DUPLICATE:
             # The same bytes were recorded by another association meanwhile, under another
             # name: this copy is not needed.
             self.spool.remove(spooled)
         return outcome
+
+    def flush_records(self, timeout: float | None = None) -> bool:
+        """Wait until the rows of every instance ingested with ``record_later`` are committed
+        (or given up on); False when ``timeout`` ran out first."""
+        return self.index.behind.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush the rows written behind and end their thread (the receiver is stopped)."""
+        return self.index.behind.close(timeout)
+
+    def _recorded(self, outcome: RecordOutcome | None, error: BaseException | None,
+                  spooled: SpooledFile, study_key: str) -> None:
+        """The row of an instance answered Success earlier is committed, or was given up on."""
+        if outcome is None:
+            # The bytes are durable in the spool, the row is not: mark the spool so that
+            # the next start indexes it (recovery), whatever the way this process stops.
+            self.spool.mark_unindexed()
+            log.error("instance kept in the spool but not recorded in the state database; "
+                      "it is indexed when the node next starts", stage="receive",
+                      error=type(error).__name__, study_key=study_key)
+            return
+        if outcome.replaced:
+            log.warning("instance re-sent with different content; newer bytes used",
+                        stage="receive", study_key=study_key)
+        if outcome.reopened:
+            log.info("late instance reopened study", stage="receive", study_key=study_key)
+        if not outcome.new_instance:
+            # Its first copy arrived on another association and was recorded meanwhile.
+            self.spool.remove(spooled)
+            with self._lock:
+                self.counters[IngestStatus.STORED.value] -= 1
+                self.counters[IngestStatus.DUPLICATE.value] += 1
 
     def _duplicate(self, header: InstanceHeader, study_key: str) -> IngestOutcome:
         return self._count(IngestOutcome(IngestStatus.DUPLICATE, "", study_key,

@@ -5,9 +5,12 @@ streams every data set fragment to a file in the spool's ``incoming/`` folder as
 no instance is ever assembled in memory, nothing is decoded, and memory stays flat whatever
 the size or number of instances. The header is read from the file's first 64 KiB as soon as
 they are in, while the sender is still sending. When the last fragment is in, the file is
-renamed into its study folder and made durable (``fdatasync``), the instance is recorded (in
-a transaction shared with the other associations'), and only then is Success sent (PS3.4
-B.2.2: Success means we are responsible for the data). The codec is in
+renamed into its study folder and made durable (``fdatasync``), and only then is Success sent
+(PS3.4 B.2.2: Success means we are responsible for the data). The instance's index row is
+written behind, many instances to a transaction
+(:class:`~triage_node.spool.index.RecordBehind`), and is committed before an A-RELEASE-RP;
+the spool, not the database, is the record of what was accepted (a start after a crash
+indexes what the database misses). The codec is in
 :mod:`triage_node.receive.ul`; every failure maps to a named status
 (:class:`~triage_node.receive.status.StoreStatus`) or an A-ASSOCIATE-RJ with a reason.
 
@@ -260,6 +263,10 @@ class DicomReceiver:
         deadline = time.monotonic() + timeout
         for assoc in active:
             assoc.thread.join(max(0.0, deadline - time.monotonic()))
+        if not self.ingestor.close(max(1.0, deadline - time.monotonic())):
+            log.error("index rows still being written at stop; the next start indexes the "
+                      "instances they are for", stage="receive")
+            self.ingestor.spool.mark_unindexed()
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -458,6 +465,8 @@ class _Association:
         finally:
             if self._message is not None and self._message.incoming is not None:
                 self._message.incoming.discard()
+            if self.stats.instances:
+                self.receiver.ingestor.flush_records(self.receiver.network_timeout)
             with contextlib.suppress(OSError):
                 self.sock.close()
             if self.established:
@@ -506,6 +515,8 @@ class _Association:
                 self._p_data(length)
             elif pdu_type == PduType.RELEASE_RQ:
                 self._read_exact(length)
+                # Released means indexed: the rows written behind the Successes are committed.
+                self.receiver.ingestor.flush_records(self.receiver.network_timeout)
                 self._sendall(encode_release_rp())
                 return
             elif pdu_type == PduType.ABORT:
@@ -605,7 +616,7 @@ class _Association:
             source = Source(calling_ae=self.calling_ae, called_ae=self.called_ae,
                             host=self.peer_host)
             outcome = self.receiver.ingestor.ingest_incoming(message.incoming, source,
-                                                              message.early)
+                                                              message.early, record_later=True)
             outcome_status, reason = outcome.status, outcome.reason
         self.stats.instances += 1
         self.stats.statuses[outcome_status.value] = \

@@ -28,6 +28,7 @@ from pydicom.tag import BaseTag
 
 from triage_node.config.models import LimitsConfig
 from triage_node.errors import InvalidDicomError, UnusableDicomError
+from triage_node.logging import get_logger
 from triage_node.receive.validate import Received, check_received, check_scanned
 from triage_node.spool.header_scan import (
     BINARY_VRS,
@@ -44,6 +45,8 @@ from triage_node.spool.header_scan import (
 from triage_node.spool.store import Spool, SpooledFile, sha256_of
 from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
+
+log = get_logger(__name__)
 
 
 def _plain(value: Any) -> str | list[str]:
@@ -299,7 +302,8 @@ class GroupCommit:
     a transaction each. In a batch of several, every record runs under its own savepoint (a
     record alone is its own transaction): one that fails is rolled back and reported to its
     own caller only; a failed commit is reported to all of the batch.
-    No caller returns before its record is committed, so Success still means "indexed".
+    No caller returns before its record is committed. (The C-STORE receiver does not wait:
+    it records through :class:`RecordBehind`, which commits whole batches with :meth:`commit`.)
     """
 
     def __init__(self, db: Database) -> None:
@@ -322,7 +326,7 @@ class GroupCommit:
                 batch, self._queue = self._queue, []
                 self._cond.release()
                 try:
-                    self._commit(batch)
+                    self.commit(batch)
                 finally:
                     self._cond.acquire()
                     self._committing = False
@@ -332,7 +336,8 @@ class GroupCommit:
         assert pending.result is not None
         return pending.result
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def commit(self, batch: list[_Pending]) -> None:
+        """Run ``batch`` in one transaction; each record's result or error is set on it."""
         savepoints = len(batch) > 1  # a record alone: its own transaction is its savepoint
         try:
             with self.db.transaction() as conn:
@@ -358,6 +363,160 @@ class GroupCommit:
             self.records += len(batch)
 
 
+RecordDone = Callable[[RecordOutcome | None, BaseException | None], None]
+"""Told when a record handed to :class:`RecordBehind` is committed (outcome, None) or was
+given up on (None, the last error)."""
+
+
+class _Queued:
+    __slots__ = ("done", "spooled", "uid", "work")
+
+    def __init__(self, uid: str, spooled: SpooledFile,
+                 work: Callable[[sqlite3.Connection], RecordOutcome], done: RecordDone) -> None:
+        self.uid, self.spooled, self.work, self.done = uid, spooled, work, done
+
+
+class RecordBehind:
+    """Records instances from a background thread, many to a transaction (write-behind).
+
+    The C-STORE receiver answers Success once an instance's bytes are durable in the spool
+    (PS3.4 B.2.2); its index row follows, committed with whatever else is queued by then.
+    A transaction per instance, its locks and its WAL frames cost the receiver more CPU than
+    anything else it does; a batch pays them once. Nothing acknowledged can be lost by this:
+    the spool is the record of what was accepted, and a start after an unclean stop indexes
+    every spooled file the database does not know (:mod:`triage_node.spool.recovery`).
+
+    * :meth:`pending` answers for queued records, so that a re-send on the same association
+      is recognised before its first copy is committed;
+    * :meth:`flush` waits until everything queued so far is committed (the receiver calls it
+      before answering an A-RELEASE-RQ: a released association is indexed);
+    * a batch that fails is tried again, with growing pauses (``attempts`` in all); a record
+      given up on is reported to its ``done`` callback with the error;
+    * at most ``max_queued`` records wait: a sender faster than the database waits for room.
+    """
+
+    def __init__(self, commits: GroupCommit, *, interval: float = 0.02, max_queued: int = 1024,
+                 attempts: int = 6, first_pause: float = 0.05) -> None:
+        self._commits = commits
+        self.interval = interval
+        self.max_queued = max_queued
+        self.attempts = attempts
+        self.first_pause = first_pause
+        self._cond = threading.Condition()
+        self._queue: list[_Queued] = []
+        self._pending: dict[str, _Queued] = {}
+        self._submitted = 0
+        self._finished = 0
+        self._closing = False
+        self._flushing = 0
+        self._idle = False
+        """The writer waits for work (a submit must wake it; while it gathers, it must not)."""
+        self._last_commit = 0.0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, uid: str, spooled: SpooledFile,
+               work: Callable[[sqlite3.Connection], RecordOutcome], done: RecordDone) -> None:
+        queued = _Queued(uid, spooled, work, done)
+        with self._cond:
+            while len(self._queue) >= self.max_queued or self._closing:
+                self._cond.wait()
+            self._queue.append(queued)
+            self._pending[uid] = queued
+            self._submitted += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="index-writer",
+                                                daemon=True)
+                self._thread.start()
+            elif self._idle or len(self._queue) >= self.max_queued:
+                self._cond.notify_all()
+
+    def pending(self, uid: str) -> SpooledFile | None:
+        """The spooled file of the newest record queued for ``uid`` and not committed yet."""
+        with self._cond:
+            queued = self._pending.get(uid)
+            return None if queued is None else queued.spooled
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record submitted so far is committed or given up on; False when
+        ``timeout`` ran out first."""
+        with self._cond:
+            target = self._submitted
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self._finished >= target, timeout)
+            finally:
+                self._flushing -= 1
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then end the thread (a later :meth:`submit` starts another)."""
+        flushed = self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            self._closing = False
+        return flushed
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._idle = True
+                    self._cond.wait()
+                self._idle = False
+                if not self._queue:
+                    return
+                # Gather for up to ``interval`` after the last commit, unless someone waits.
+                deadline = self._last_commit + self.interval
+                while not (self._closing or self._flushing
+                           or len(self._queue) >= self.max_queued):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, self._queue = self._queue, []
+                self._cond.notify_all()  # room for waiting submitters
+            self._last_commit = time.monotonic()
+            self._commit(batch)
+            with self._cond:
+                for queued in batch:
+                    if self._pending.get(queued.uid) is queued:
+                        del self._pending[queued.uid]
+                self._finished += len(batch)
+                self._cond.notify_all()
+
+    def _commit(self, batch: list[_Queued]) -> None:
+        todo = batch
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.first_pause * 2 ** (attempt - 1))
+            pendings = [_Pending(queued.work) for queued in todo]
+            self._commits.commit(pendings)
+            failed = []
+            for queued, pending in zip(todo, pendings, strict=True):
+                if pending.error is None:
+                    self._tell(queued, pending.result, None)
+                else:
+                    failed.append((queued, pending.error))
+            if not failed:
+                return
+            todo = [queued for queued, _ in failed]
+        for queued, error in failed:
+            self._tell(queued, None, error)
+
+    @staticmethod
+    def _tell(queued: _Queued, outcome: RecordOutcome | None,
+              error: BaseException | None) -> None:
+        try:
+            queued.done(outcome, error)
+        except Exception:  # a callback must not stop the writer
+            log.exception("record callback failed", stage="receive")
+
+
 class InstanceIndex:
     """Records received instances, creating studies and series on first sight."""
 
@@ -365,6 +524,8 @@ class InstanceIndex:
         self.db = db
         self.keys = keys
         self.commits = GroupCommit(db)
+        self.behind = RecordBehind(self.commits)
+        """Write-behind recording, for the C-STORE receiver (:meth:`record_later`)."""
         self._last_series: tuple[str, dict[str, Any]] | None = None
 
     def _parsed(self, attrs_json: str) -> dict[str, Any]:
@@ -378,6 +539,9 @@ class InstanceIndex:
         return parsed
 
     def known(self, sop_instance_uid: str) -> KnownInstance | None:
+        queued = self.behind.pending(sop_instance_uid)
+        if queued is not None:  # received, durable, its row not committed yet
+            return KnownInstance(queued.relative_path, queued.size, queued.sha256)
         row = self.db.connection().execute(
             "SELECT path, size, sha256 FROM instances WHERE sop_instance_uid = ?",
             (sop_instance_uid,)).fetchone()
@@ -389,6 +553,15 @@ class InstanceIndex:
         :class:`GroupCommit`). Raises :class:`sqlite3.Error` when it could not be recorded."""
         now = time.time()
         return self.commits.run(lambda conn: self._record(conn, header, spooled, source, now))
+
+    def record_later(self, header: InstanceHeader, spooled: SpooledFile, source: Source,
+                     done: RecordDone) -> None:
+        """Record one instance from the background (:class:`RecordBehind`); ``done`` is told
+        the outcome once it is committed."""
+        now = time.time()
+        self.behind.submit(
+            header.sop_instance_uid, spooled,
+            lambda conn: self._record(conn, header, spooled, source, now), done)
 
     def _record(self, conn: sqlite3.Connection, header: InstanceHeader, spooled: SpooledFile,
                 source: Source, now: float) -> RecordOutcome:

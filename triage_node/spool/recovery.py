@@ -3,8 +3,10 @@
 The spool is the record of what was acknowledged: an instance is answered Success only after
 its file is renamed into ``studies/`` and fsynced. The database row written right after can be
 missing when the process was killed between the two, or when a power loss rolled back the
-last commits (``synchronous=NORMAL``, see :mod:`triage_node.state.db`). So when the node
-starts after an unclean stop (the ``RUNNING`` marker in the data dir is still there), every
+last commits (``synchronous=NORMAL``, see :mod:`triage_node.state.db`), or when a row written
+behind the receiver could not be committed (the spool's ``UNINDEXED`` marker,
+:class:`~triage_node.spool.index.RecordBehind`). So when the node starts after an unclean
+stop (the ``RUNNING`` marker in the data dir is still there, or ``UNINDEXED``), every
 spooled file the database does not know is indexed again, with the calling AE title the file
 meta recorded on receipt. Partial files in ``incoming/`` were never acknowledged and are
 removed (:meth:`Spool.clear_incoming`).
@@ -87,12 +89,14 @@ def _checked_sha256(data: bytes, name_suffix: str, digest: str = "") -> str:
 def recover(data_dir: Path, spool: Spool, index: InstanceIndex) -> RecoveryReport:
     """Run at start, before the receiver listens; leaves the ``RUNNING`` marker in place."""
     marker = data_dir / MARKER
-    report = RecoveryReport(unclean=marker.exists())
+    unindexed = spool.root / Spool.UNINDEXED
+    report = RecoveryReport(unclean=marker.exists() or unindexed.exists())
     report.partial_removed = spool.clear_incoming()
     if report.unclean:
         report.reindexed, report.unreadable = reindex_unknown(spool, index)
         log.warning("recovered after an unclean stop", stage="recovery",
                     count=report.reindexed, items=report.partial_removed)
+        unindexed.unlink(missing_ok=True)
     marker.write_text("triage-node is running; removed on a clean stop\n")
     return report
 

@@ -189,6 +189,16 @@ class Spool:
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._receiving = False
 
+    UNINDEXED = "UNINDEXED"
+    """A marker file in the spool root: an acknowledged instance's index row could not be
+    written; the next start indexes every spooled file the database does not know."""
+
+    def mark_unindexed(self) -> None:
+        marker = self.root / self.UNINDEXED
+        if not marker.exists():
+            write_durably(marker, b"spooled instances are missing from the state database; "
+                                  b"they are indexed when the node next starts\n")
+
     def clear_incoming(self) -> int:
         """Remove partial files a previous run left (never acknowledged); returns how many.
 
