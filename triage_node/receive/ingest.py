@@ -61,6 +61,15 @@ class IngestOutcome:
         return self.in_spool or self.status is IngestStatus.QUARANTINED
 
 
+def _log_record(outcome: RecordOutcome, study_key: str) -> None:
+    """What a committed index row says an administrator should know."""
+    if outcome.replaced:
+        log.warning("instance re-sent with different content; newer bytes used",
+                    stage="receive", study_key=study_key)
+    if outcome.reopened:
+        log.info("late instance reopened study", stage="receive", study_key=study_key)
+
+
 class Ingestor:
     def __init__(self, spool: Spool, index: InstanceIndex, *, min_free_bytes: int = 0,
                  limits: LimitsConfig | None = None) -> None:
@@ -191,11 +200,7 @@ class Ingestor:
                       "it is indexed when the node next starts", stage="receive",
                       error=type(error).__name__, study_key=study_key)
             return
-        if outcome.replaced:
-            log.warning("instance re-sent with different content; newer bytes used",
-                        stage="receive", study_key=study_key)
-        if outcome.reopened:
-            log.info("late instance reopened study", stage="receive", study_key=study_key)
+        _log_record(outcome, study_key)
         if not outcome.new_instance:
             # Its first copy arrived on another association and was recorded meanwhile.
             self.spool.remove(spooled)
@@ -232,11 +237,7 @@ class Ingestor:
                       stage="receive", error=type(exc).__name__)
             return self._count(IngestOutcome(IngestStatus.WRITE_FAILED,
                                               "cannot record the instance in the state database"))
-        if outcome.replaced:
-            log.warning("instance re-sent with different content; newer bytes used",
-                        stage="receive", study_key=study_key)
-        if outcome.reopened:
-            log.info("late instance reopened study", stage="receive", study_key=study_key)
+        _log_record(outcome, study_key)
         status = IngestStatus.STORED if outcome.new_instance else IngestStatus.DUPLICATE
         return self._count(IngestOutcome(status, "", study_key, header.sop_instance_uid,
                                           header.sop_class_uid))
