@@ -429,11 +429,11 @@ def test_a_row_that_cannot_be_written_marks_the_spool_for_reindexing(
     assert _receive_behind(ingestor, _ct_bytes()).status is IngestStatus.STORED
     assert ingestor.flush_records(10)
     assert calls["n"] == 3
-    assert (spool.root / Spool.UNINDEXED).exists()
+    assert (spool.unindexed_marker).exists()
     assert not index.db.query("SELECT 1 FROM instances")
 
     # A passing failure: the second attempt commits, nothing is marked.
-    (spool.root / Spool.UNINDEXED).unlink()
+    (spool.unindexed_marker).unlink()
     calls["n"] = 0
 
     def flaky(conn: sqlite3.Connection, *args: object) -> RecordOutcome:
@@ -446,7 +446,7 @@ def test_a_row_that_cannot_be_written_marks_the_spool_for_reindexing(
     second = Path(str(get_testdata_file("MR_small.dcm", download=False))).read_bytes()
     assert _receive_behind(ingestor, second).status is IngestStatus.STORED
     assert ingestor.close(10)
-    assert calls["n"] == 2 and not (spool.root / Spool.UNINDEXED).exists()
+    assert calls["n"] == 2 and not (spool.unindexed_marker).exists()
     assert len(index.db.query("SELECT 1 FROM instances")) == 1
 
     # Marked again by a row given up on; a clean stop, then the next start indexes it.
@@ -454,5 +454,5 @@ def test_a_row_that_cannot_be_written_marks_the_spool_for_reindexing(
     index._record = original  # type: ignore[method-assign]
     report = recover(tmp_path, Spool(spool.root), index)  # the next run's spool
     assert report.unclean and report.reindexed == 1
-    assert not (spool.root / Spool.UNINDEXED).exists()
+    assert not (spool.unindexed_marker).exists()
     assert len(index.db.query("SELECT 1 FROM instances")) == 2

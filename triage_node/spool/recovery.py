@@ -89,7 +89,7 @@ def _checked_sha256(data: bytes, name_suffix: str, digest: str = "") -> str:
 def recover(data_dir: Path, spool: Spool, index: InstanceIndex) -> RecoveryReport:
     """Run at start, before the receiver listens; leaves the ``RUNNING`` marker in place."""
     marker = data_dir / MARKER
-    unindexed = spool.root / Spool.UNINDEXED
+    unindexed = spool.unindexed_marker
     report = RecoveryReport(unclean=marker.exists() or unindexed.exists())
     report.partial_removed = spool.clear_incoming()
     if report.unclean:

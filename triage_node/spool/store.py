@@ -193,8 +193,12 @@ class Spool:
     """A marker file in the spool root: an acknowledged instance's index row could not be
     written; the next start indexes every spooled file the database does not know."""
 
+    @property
+    def unindexed_marker(self) -> Path:
+        return self.root / self.UNINDEXED
+
     def mark_unindexed(self) -> None:
-        marker = self.root / self.UNINDEXED
+        marker = self.unindexed_marker
         if not marker.exists():
             write_durably(marker, b"spooled instances are missing from the state database; "
                                   b"they are indexed when the node next starts\n")
