@@ -22,7 +22,13 @@ from pydicom.values import convert_value
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import LimitsConfig
 from triage_node.spool.header_scan import TEXT_VRS, ScannedHeader, raw_text, scan
-from triage_node.spool.index import _plain, read_header, read_header_with_pydicom, scan_head
+from triage_node.spool.index import (
+    _plain,
+    header_from_head,
+    read_header,
+    read_header_with_pydicom,
+    scan_head,
+)
 from triage_node.spool.store import HEAD_BYTES
 
 CORPUS = Path(__file__).resolve().parents[2] / "fixtures" / "bad-input"
@@ -195,6 +201,42 @@ def test_a_head_read_early_gives_the_header_of_the_whole_file() -> None:
             assert outcome(lambda d, lim, e=early: read_header(d, lim, e), data) \
                 == outcome(read_header, data), (name, cut)
     assert early_reads > 100, early_reads
+
+
+def test_the_head_and_the_size_decide_as_the_whole_file_does() -> None:
+    """The receiver checks an instance read early from its head and its size alone when the
+    pixel data has a defined length (``header_from_head``): it either steps aside (None) or
+    gives exactly what ``read_header`` gives on the whole file, errors included, on every
+    pydicom test file, the bad-input corpus and instances cut short in their pixel data."""
+    samples: list[tuple[str, bytes]] = [
+        (name, Path(name).read_bytes()) for name in get_testdata_files("*")
+        if Path(name).is_file()]
+    samples += [(path.name, path.read_bytes()) for path in sorted(CORPUS.glob("*.dcm"))]
+    for name in CUT_FILES:
+        data = pydicom_file(name)
+        end = header_end(scan(data), data)
+        cuts = range(end + 12, len(data))  # inside the pixel data (none: no pixel data)
+        samples += [(f"{name}[:{cut}]", data[:cut])
+                    for cut in random.Random(name).sample(cuts, min(40, len(cuts)))]
+    decided = refused = 0
+    for name, data in samples:
+        whole = scan(data)
+        end = header_end(whole, data)
+        for cut in sorted({HEAD_BYTES, end + 12, end + 13, len(data) - 1}):
+            if not 0 < cut < len(data):
+                continue
+            early = scan_head(bytearray(data[:cut]))
+            if early is None:
+                continue
+            head_only = outcome(
+                lambda d, lim, e=early, c=cut: header_from_head(e, bytearray(d[:c]), len(d), lim),
+                data)
+            if head_only is None:
+                continue
+            decided += 1
+            refused += isinstance(head_only, tuple)
+            assert head_only == outcome(read_header, data), (name, cut)
+    assert decided > 100 and refused > 10, (decided, refused)
 
 
 @pytest.mark.parametrize("name", CUT_FILES)

@@ -7,6 +7,7 @@ protocol (a C-STORE status, a STOW-RS failure reason).
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import sqlite3
 import threading
@@ -23,6 +24,7 @@ from triage_node.spool.index import (
     RecordOutcome,
     Source,
     compare_with_known,
+    header_from_head,
     read_header,
 )
 from triage_node.spool.store import IncomingFile, Spool, SpooledFile
@@ -110,7 +112,8 @@ class Ingestor:
         study_key = self.index.keys.study_key(header.study_uid)
         try:
             resent, sha256 = compare_with_known(self.index, self.spool,
-                                                header.sop_instance_uid, data)
+                                                header.sop_instance_uid, len(data),
+                                                lambda: data)
             if resent:
                 return self._duplicate(header, study_key)
             spooled = self.spool.store(study_key, header.sop_instance_uid, data, sha256)
@@ -134,18 +137,24 @@ class Ingestor:
         a re-send found only then is removed and counted as a duplicate. :meth:`flush_records`
         waits for those rows.
         """
-        try:
-            # Mapped from the page cache: the header is parsed in place, nothing is copied.
-            data = incoming.map()
-        except OSError as exc:
-            incoming.discard()
-            return self._write_failed(exc)
+        # Mapped from the page cache when the checks need more than the head and the size (or
+        # the bytes are hashed or quarantined): parsed in place, nothing copied.
+        mapped: list[mmap.mmap] = []
+
+        def content() -> mmap.mmap:
+            if not mapped:
+                mapped.append(incoming.map())
+            return mapped[0]
+
         try:
             try:
-                header = read_header(data, self.limits, early)
+                header = (header_from_head(early, incoming.head, incoming.size, self.limits)
+                          if early is not None else None)
+                if header is None:
+                    header = read_header(content(), self.limits, early)
             except UnusableDicomError as exc:
                 try:
-                    self.spool.quarantine_incoming(incoming, data, str(exc),
+                    self.spool.quarantine_incoming(incoming, content(), str(exc),
                                                    {"calling_ae": source.calling_ae})
                 except OSError as write_error:
                     incoming.discard()
@@ -154,10 +163,14 @@ class Ingestor:
             except InvalidDicomError as exc:
                 incoming.discard()
                 return self._unreadable(exc, source)
+            except OSError as exc:  # the file could not be mapped
+                incoming.discard()
+                return self._write_failed(exc)
             study_key = self.index.keys.study_key(header.study_uid)
             try:
                 resent, sha256 = compare_with_known(self.index, self.spool,
-                                                    header.sop_instance_uid, data)
+                                                    header.sop_instance_uid, incoming.size,
+                                                    content)
                 if resent:  # nothing to write: the index has these bytes already
                     incoming.discard()
                     return self._duplicate(header, study_key)
@@ -166,7 +179,8 @@ class Ingestor:
                 incoming.discard()
                 return self._write_failed(exc)
         finally:
-            data.close()
+            for data in mapped:
+                data.close()
         if record_later:
             self.index.record_later(
                 header, spooled, source,

@@ -50,6 +50,8 @@ _lock = threading.Lock()
 
 Received = bytes | mmap.mmap
 """The received bytes: in memory (STOW-RS) or mapped from the spooled file (C-STORE)."""
+Head = bytes | bytearray | mmap.mmap
+"""The received bytes, or only their first part (the head a receiver reads early)."""
 
 _limits = LimitsConfig()
 
@@ -100,7 +102,7 @@ def _check_header_complete(ds: FileDataset, data: Received) -> None:
             f"({last.tag.group:04X},{last.tag.element:04X})")
 
 
-def _pixel_element(data: Received, at: int, implicit: bool,
+def _pixel_element(data: Head, at: int, implicit: bool,
                    little: bool) -> tuple[str, int, int]:
     """(keyword, value length, value offset) of the pixel data element starting at ``at``."""
     e = "<" if little else ">"
@@ -113,14 +115,14 @@ def _pixel_element(data: Received, at: int, implicit: bool,
                                 "start of the pixel data")
     if implicit:
         return keyword, struct.unpack_from(e + "L", data, at + 4)[0], at + 8
-    if data[at + 4:at + 6] in _LONG_LENGTH_VRS:
+    if bytes(data[at + 4:at + 6]) in _LONG_LENGTH_VRS:
         if len(data) < at + 12:
             raise UnusableDicomError("pixel data truncated: the element header is incomplete")
         return keyword, struct.unpack_from(e + "L", data, at + 8)[0], at + 12
     return keyword, struct.unpack_from(e + "H", data, at + 6)[0], at + 8
 
 
-def _check_encapsulated(data: Received, offset: int) -> None:
+def _check_encapsulated(data: Head, offset: int) -> None:
     """Walk the fragment items (PS3.5 A.4) to the sequence delimiter; O(frames), no copying."""
     end = len(data)
     while True:
@@ -208,14 +210,33 @@ def check_scanned(attributes: dict[str, Any], data: Received, stop_offset: int, 
                           limits or _limits)
 
 
-def _check_pixel_data(ds: _Attributes, data: Received, stop_offset: int, syntax: str,
-                      implicit: bool, little: bool, limits: LimitsConfig) -> None:
+def check_scanned_head(attributes: dict[str, Any], head: Head, size: int,
+                       stop_offset: int, syntax: str, implicit: bool,
+                       limits: LimitsConfig | None = None) -> bool:
+    """:func:`check_scanned` from the first bytes of an instance and its size alone, when
+    that is enough: the pixel data element's header lies in ``head`` and declares a length
+    (nothing past it is read then, only the size counts). Returns False, having checked
+    nothing, when the whole instance is needed (encapsulated fragments to walk)."""
+    if stop_offset + 12 > len(head) or stop_offset >= size:
+        return False
+    if _pixel_element(head, stop_offset, implicit, True)[1] == _UNDEFINED:
+        return False
+    _check_pixel_data(attributes, head, stop_offset, syntax, implicit, True, limits or _limits,
+                      size)
+    return True
+
+
+def _check_pixel_data(ds: _Attributes, data: Head, stop_offset: int, syntax: str,
+                      implicit: bool, little: bool, limits: LimitsConfig,
+                      size: int | None = None) -> None:
+    """``size``: the instance's size when ``data`` holds only its first bytes (as far as the
+    pixel data element's header, at least, and its length is defined)."""
     keyword, length, value_at = _pixel_element(data, stop_offset, implicit, little)
     if length == _UNDEFINED:
         _check_geometry(ds, keyword, limits)
         _check_encapsulated(data, value_at)
         return
-    present = len(data) - value_at
+    present = (len(data) if size is None else size) - value_at
     if length > present:
         raise UnusableDicomError(
             f"pixel data truncated: {present} of {length} bytes present")

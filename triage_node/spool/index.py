@@ -29,7 +29,13 @@ from pydicom.tag import BaseTag
 from triage_node.config.models import LimitsConfig
 from triage_node.errors import InvalidDicomError, UnusableDicomError
 from triage_node.logging import get_logger
-from triage_node.receive.validate import Received, check_received, check_scanned
+from triage_node.receive.validate import (
+    Head,
+    Received,
+    check_received,
+    check_scanned,
+    check_scanned_head,
+)
 from triage_node.spool.header_scan import (
     BINARY_VRS,
     FAST_CHARSETS,
@@ -157,6 +163,17 @@ def read_header(data: Received, limits: LimitsConfig | None = None,
     return read_header_with_pydicom(data, limits)
 
 
+def header_from_head(early: ScannedHeader, head: Head, size: int,
+                     limits: LimitsConfig | None = None) -> InstanceHeader | None:
+    """:func:`read_header` for an instance whose header :func:`scan_head` read early, from the
+    first bytes and the size alone (:func:`~triage_node.receive.validate.check_scanned_head`):
+    the file need not be opened again. None when the checks need the whole file."""
+    if not check_scanned_head(early.attributes, head, size, early.stop_offset,
+                              early.transfer_syntax, early.implicit_vr, limits):
+        return None
+    return _header(early.attributes, early.transfer_syntax)
+
+
 def scan_head(head: bytes | bytearray) -> ScannedHeader | None:
     """The header read from the first bytes of an instance still arriving, or None.
 
@@ -258,20 +275,20 @@ class KnownInstance:
     """Empty when it was never computed (see :class:`SpooledFile`)."""
 
 
-def compare_with_known(index: InstanceIndex, spool: Spool, sop_instance_uid: str,
-                       data: Received) -> tuple[bool, str]:
-    """Whether ``data`` is a re-send of the bytes the index holds for this UID, and the sha256
-    of ``data`` when it was needed to tell (else empty).
+def compare_with_known(index: InstanceIndex, spool: Spool, sop_instance_uid: str, size: int,
+                       content: Callable[[], Received]) -> tuple[bool, str]:
+    """Whether the instance of ``size`` bytes (``content()``) is a re-send of the bytes the
+    index holds for this UID, and its sha256 when it was needed to tell (else empty).
 
-    A new UID (the common case) costs one indexed lookup and no hashing. A known one is
-    compared by size, then by sha256; the stored copy is hashed when its hash was never
-    computed, and counts as different when it cannot be read.
+    A new UID (the common case) costs one indexed lookup, and ``content`` is not called. A
+    known one is compared by size, then by sha256; the stored copy is hashed when its hash was
+    never computed, and counts as different when it cannot be read.
     """
     known = index.known(sop_instance_uid)
     if known is None:
         return False, ""
-    digest = sha256_of(data)
-    if known.size != len(data):
+    digest = sha256_of(content())
+    if known.size != size:
         return False, digest
     try:
         stored = known.sha256 or spool.content_sha256(known.path)

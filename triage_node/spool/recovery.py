@@ -66,7 +66,11 @@ def reindex_unknown(spool: Spool, index: InstanceIndex) -> tuple[int, int]:
             log.error("spooled file cannot be re-indexed", stage="recovery", path=relative,
                       reason=str(exc))
             continue
-        resent, digest = compare_with_known(index, spool, header.sop_instance_uid, data)
+        def content(data: bytes = data) -> bytes:
+            return data
+
+        resent, digest = compare_with_known(index, spool, header.sop_instance_uid,
+                                            len(data), content)
         digest = _checked_sha256(data, path.stem.rsplit("-", 1)[-1], digest)
         spooled = SpooledFile(relative, digest, len(data), already_present=True)
         if resent or not index.record(header, spooled, _source_of(data)).new_instance:
