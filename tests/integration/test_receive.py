@@ -205,3 +205,36 @@ def test_a_large_instance_is_indexed_from_the_header_read_while_it_arrived(
     assert attributes == read_header_with_pydicom(stored).attributes
     [reason] = (receiver.ingestor.spool.root / "quarantine").glob("*.reason.json")
     assert "PixelData length" in json.loads(reason.read_text())["reason"]
+
+
+def test_a_fault_of_ours_aborts_that_association_and_the_node_keeps_serving(
+        receiver: DicomReceiver, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An unexpected error while an instance is ingested (a bug, not bad input) ends that
+    association with an A-ABORT, no Success for the instance, an error logged by type only;
+    the next association is served as usual."""
+    ingest = receiver.ingestor.ingest_incoming
+    faults = iter([RuntimeError("PATIENT^SECRET in a message")])
+
+    def faulty(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        return ingest(*args, **kwargs)
+
+    monkeypatch.setattr(receiver.ingestor, "ingest_incoming", faulty)
+    ct = _testfile("CT_small.dcm")
+    assoc = _scu(receiver)
+    assert assoc.is_established
+    assert "Status" not in assoc.send_c_store(ct)  # no response: the association was aborted
+    log = capsys.readouterr()
+    text = log.out + log.err
+    assert "association aborted: internal error" in text and "RuntimeError" in text
+    assert "PATIENT^SECRET" not in text
+    assoc = _scu(receiver)
+    assert assoc.send_c_store(ct).Status == StoreStatus.SUCCESS
+    assoc.release()
+    assert receiver.ingestor.counters["stored"] == 1
+    # The instance the fault was met on is gone with its association; nothing half-written.
+    assert not list(receiver.ingestor.spool.incoming_dir.iterdir())
+    assert len(list((receiver.ingestor.spool.root / "studies").rglob("*.dcm"))) == 1

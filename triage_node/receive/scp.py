@@ -462,6 +462,12 @@ class _Association:
             if not self.receiver._stopping.is_set():
                 log.warning("association failed", stage="receive", peer_host=self.peer_host,
                             error=type(exc).__name__, reason=exc.strerror)
+        except Exception as exc:  # noqa: BLE001 - a fault of ours ends this association only
+            # The type alone is logged: a message could quote received values.
+            log.error("association aborted: internal error", stage="receive",
+                      calling_ae=self.calling_ae, peer_host=self.peer_host,
+                      error=type(exc).__name__)
+            self._send_quietly(encode_abort())
         finally:
             if self._message is not None and self._message.incoming is not None:
                 self._message.incoming.discard()
@@ -615,8 +621,13 @@ class _Association:
             assert message.incoming is not None
             source = Source(calling_ae=self.calling_ae, called_ae=self.called_ae,
                             host=self.peer_host)
-            outcome = self.receiver.ingestor.ingest_incoming(message.incoming, source,
-                                                              message.early, record_later=True)
+            try:
+                outcome = self.receiver.ingestor.ingest_incoming(
+                    message.incoming, source, message.early, record_later=True)
+            except BaseException:
+                if message.incoming.is_open:  # not made durable, not answered: not accepted
+                    message.incoming.discard()
+                raise
             outcome_status, reason = outcome.status, outcome.reason
         self.stats.instances += 1
         self.stats.statuses[outcome_status.value] = \

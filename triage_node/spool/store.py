@@ -137,6 +137,11 @@ class IncomingFile:
                              _SYNC_FILE_RANGE_WRITE)
             self._unflushed = 0
 
+    @property
+    def is_open(self) -> bool:
+        """Neither sealed nor discarded yet."""
+        return self._fd is not None
+
     def map(self) -> mmap.mmap:
         """The bytes written so far, mapped read-only (never empty: the receiver writes the
         file meta first)."""
