@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -216,7 +217,7 @@ def test_a_fault_of_ours_aborts_that_association_and_the_node_keeps_serving(
     ingest = receiver.ingestor.ingest_incoming
     faults = iter([RuntimeError("PATIENT^SECRET in a message")])
 
-    def faulty(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def faulty(*args: Any, **kwargs: Any) -> Any:
         fault = next(faults, None)
         if fault is not None:
             raise fault
