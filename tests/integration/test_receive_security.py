@@ -172,6 +172,17 @@ def _tcp_sockets(pid: int) -> int:
     return count
 
 
+def _waiting_in_accept(pid: int) -> bool:
+    """A thread of the process sleeps in the kernel's accept() (its wchan)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() == "inet_csk_accept":
+                return True
+        except OSError:
+            continue  # ended meanwhile
+    return False
+
+
 def test_associations_are_shared_between_receiving_processes(tmp_path: Path) -> None:
     """Four associations opened one after another land on both processes: each waits in a
     blocking accept() and the kernel wakes the one that has waited longest (a poll()-based
@@ -182,10 +193,15 @@ def test_associations_are_shared_between_receiving_processes(tmp_path: Path) -> 
     db = Database(config.data_dir / "state.sqlite3")
     pool = ReceiverPool(config, build_ingestor(config, db))
     pool.start()  # returns once the spawned process accepts too
-    time.sleep(0.2)  # and its accept thread has reached accept() on a loaded machine
     try:
         child = pool._children[0].pid
         assert child is not None
+        # Both accept threads waiting in the kernel's accept(): only then is "the one that
+        # has waited longest" either of them.
+        deadline = time.monotonic() + 10
+        while not (_waiting_in_accept(os.getpid()) and _waiting_in_accept(child)):
+            assert time.monotonic() < deadline, "an accept thread never reached accept()"
+            time.sleep(0.01)
         before = {os.getpid(): _tcp_sockets(os.getpid()), child: _tcp_sockets(child)}
         ae = AE(ae_title="PACS")
         ae.add_requested_context(CTImageStorage)
