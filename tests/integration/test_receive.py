@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from deploy.demo.orthanc import free_port
 from deploy.demo.senders import dcmtk
+from tests.helpers.rejection import rejection
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import DicomConfig, TrustedCaller
 from triage_node.errors import ConfigError
@@ -97,17 +98,20 @@ def test_resend_is_success_without_a_second_copy(receiver: DicomReceiver) -> Non
 
 
 def test_untrusted_calling_ae_and_wrong_called_ae_are_rejected(receiver: DicomReceiver) -> None:
-    assert _scu(receiver, calling="INTRUDER").is_rejected
-    assert _scu(receiver, called="NOTTRIAGE").is_rejected
+    assert rejection(receiver.port, "INTRUDER") == (
+        "Result: Rejected Permanent, Source: Service User "
+        "Reason: Calling AE Title Not Recognized")
+    assert rejection(receiver.port, "PACS", called="NOTTRIAGE") == (
+        "Result: Rejected Permanent, Source: Service User "
+        "Reason: Called AE Title Not Recognized")
 
 
 def test_trusted_title_from_the_wrong_host_is_rejected_at_association(
         receiver: DicomReceiver) -> None:
-    assoc = _scu(receiver, calling="WRONGHOST")
-    assert assoc.is_rejected
     # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognized.
-    rj = assoc.acceptor.primitive
-    assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 3)
+    assert rejection(receiver.port, "WRONGHOST") == (
+        "Result: Rejected Permanent, Source: Service User "
+        "Reason: Calling AE Title Not Recognized")
     assert receiver.ingestor.index.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
 
 
