@@ -22,6 +22,7 @@ from triage_node.spool.index import (
     InstanceIndex,
     RecordOutcome,
     Source,
+    Transaction,
     read_header,
 )
 from triage_node.spool.store import Spool, SpooledFile
@@ -192,7 +193,7 @@ def test_concurrent_records_share_a_transaction(index: InstanceIndex) -> None:
     first_running, release_first = threading.Event(), threading.Event()
     original = index._record
 
-    def slow_first(conn: sqlite3.Connection, header: InstanceHeader, *args: object
+    def slow_first(conn: Transaction, header: InstanceHeader, *args: object
                    ) -> RecordOutcome:
         if header.sop_instance_uid.endswith(".0"):
             first_running.set()
@@ -224,9 +225,106 @@ def test_concurrent_records_share_a_transaction(index: InstanceIndex) -> None:
     assert sorted(r[0] for r in rows) == sorted(uids)
 
 
+def _batch_scenario() -> list[tuple[InstanceHeader, SpooledFile]]:
+    """Records for a study the node had processed: two series with a count announced
+    (Images in Acquisition), one that completes and one that does not, a replaced instance,
+    a new series, and a record that fails after writing its series row."""
+    base = read_header(_ct_bytes())
+
+    def header(series: str, n: int, expected: int | None, **changes: object) -> InstanceHeader:
+        uid = f"1.2.826.0.1.3680043.8.498.97.{series}.{n}"
+        attributes = {**base.attributes, "SOPInstanceUID": uid, "InstanceNumber": str(n),
+                      "SeriesInstanceUID": f"{base.study_uid}.{series}"}
+        if expected is not None:
+            attributes["ImagesInAcquisition"] = str(expected)
+        return dataclasses.replace(base, sop_instance_uid=uid, attributes=attributes,
+                                   series_uid=f"{base.study_uid}.{series}", **changes)
+
+    def spooled(h: InstanceHeader, sha: str = "") -> SpooledFile:
+        return SpooledFile(f"studies/x/{h.sop_instance_uid}-{sha}.dcm", sha, 100, False)
+
+    a = [header("1", n, 3) for n in range(1, 4)]
+    b = [header("2", n, 5) for n in range(1, 3)]
+    c = [header("3", 1, None)]
+    d = header("4", 2, None)
+    return [
+        (a[1], spooled(a[1])), (a[2], spooled(a[2])),   # series 1 completes (3 of 3)
+        (a[0], spooled(a[0], "f" * 64)),                # series 1's first, changed bytes
+        (b[0], spooled(b[0])),                          # series 2: 2 of 5, stays open
+        (header("4", 1, None, sop_class_uid=None), spooled(c[0])),  # fails: NOT NULL
+        (b[1], spooled(b[1])), (c[0], spooled(c[0])),
+        (a[2], spooled(a[2], "e" * 64)),                # changed again in the same batch
+        (d, spooled(d)),                                # the failed one's series, again
+    ]
+
+
+def _index_state(index: InstanceIndex) -> list[list[tuple[object, ...]]]:
+    return [[tuple(r) for r in index.db.query(sql)] for sql in (
+        "SELECT study_uid, status, generation, last_received, receiving_since FROM studies",
+        "SELECT series_uid, instance_count, expected_instances, completed_at, last_received,"
+        " first_received, attrs_json FROM series ORDER BY series_uid",
+        "SELECT sop_instance_uid, series_uid, path, sha256, attrs_delta_json, received_at"
+        " FROM instances ORDER BY sop_instance_uid")]
+
+
+def test_a_batch_leaves_the_rows_one_transaction_per_record_would(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records of one transaction read and update their study and series rows once
+    (Transaction): the rows, counts, completion and reopening come out exactly as when each
+    record is committed alone, and a record that fails leaves nothing of its own behind."""
+    import types
+
+    from triage_node.spool import index as index_module
+
+    def run(batched: bool) -> tuple[list[list[tuple[object, ...]]], list[object]]:
+        clock = iter(float(t) for t in range(1000, 2000))
+        monkeypatch.setattr(index_module, "time", types.SimpleNamespace(
+            time=lambda: next(clock), monotonic=time.monotonic, sleep=time.sleep))
+        index = InstanceIndex(Database(tmp_path / f"{batched}.sqlite3"), KeyMaker(b"k"))
+        earlier = _batch_scenario()[0][0]
+        first = dataclasses.replace(
+            earlier, sop_instance_uid=earlier.sop_instance_uid[:-2] + ".1")
+        index.record(first, SpooledFile("studies/x/first.dcm", "", 100, False), SRC)
+        index.db.connection().execute("UPDATE studies SET status = 'processed'")
+        told: list[object] = []
+        if batched:
+            # All of them gather into one transaction, committed when flush asks; a record
+            # that fails is given up at once (no retries).
+            index.behind.interval, index.behind.attempts = 5.0, 1
+            index.behind._last_commit = time.monotonic()
+            outcomes: dict[int, object] = {}
+            for i, (h, spooled) in enumerate(_batch_scenario()):
+                index.record_later(h, spooled, SRC, lambda o, e, i=i: outcomes.__setitem__(
+                    i, type(e).__name__ if e else o))
+            assert index.behind.flush(10)
+            assert index.commits.batches == 2  # the first record above, then this batch
+            told = [outcomes[i] for i in sorted(outcomes)]
+            index.behind.close(10)
+        else:
+            for h, spooled in _batch_scenario():
+                try:
+                    told.append(index.record(h, spooled, SRC))
+                except sqlite3.Error as exc:
+                    told.append(type(exc).__name__)
+        return _index_state(index), told
+
+    alone, told_alone = run(batched=False)
+    together, told_together = run(batched=True)
+    assert together == alone
+    assert told_together == told_alone
+    assert told_alone[4] == "IntegrityError"
+    assert [o.reopened for o in told_alone if isinstance(o, RecordOutcome)] == \
+        [True] + [False] * 7
+    studies, series, instances = alone
+    assert [(s[1], s[2]) for s in series] == [(3, 3), (2, 5), (1, None), (1, None)]
+    assert series[0][3] is not None and series[1][3] is None  # 3 of 3 complete, 2 of 5 not
+    assert studies[0][1:3] == ("receiving", 1)
+    assert len(instances) == 7
+
+
 def test_a_failing_record_fails_alone_in_its_batch(index: InstanceIndex) -> None:
-    def insert(uid: str) -> Callable[[sqlite3.Connection], RecordOutcome]:
-        def work(conn: sqlite3.Connection) -> RecordOutcome:
+    def insert(uid: str) -> Callable[[Transaction], RecordOutcome]:
+        def work(conn: Transaction) -> RecordOutcome:
             conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
                          " first_received, last_received) VALUES (?, ?, 'receiving', '{}', 0, 0)",
                          (uid, uid))
@@ -310,7 +408,7 @@ def test_a_new_instance_is_not_hashed_and_a_resend_is_still_recognised(
 
 
 def test_a_lone_failing_record_is_rolled_back_and_reported(index: InstanceIndex) -> None:
-    def work(conn: sqlite3.Connection) -> RecordOutcome:
+    def work(conn: Transaction) -> RecordOutcome:
         conn.execute("INSERT INTO studies (study_uid, study_key, status, attrs_json,"
                      " first_received, last_received) VALUES ('half', 's-half', 'receiving',"
                      " '{}', 0, 0)")
@@ -337,7 +435,7 @@ def _hold_writer(index: InstanceIndex) -> tuple[threading.Event, threading.Event
     holding, release = threading.Event(), threading.Event()
     original = index._record
 
-    def held(conn: sqlite3.Connection, *args: object) -> RecordOutcome:
+    def held(conn: Transaction, *args: object) -> RecordOutcome:
         holding.set()
         assert release.wait(10)
         return original(conn, *args)  # type: ignore[arg-type]
@@ -420,7 +518,7 @@ def test_a_row_that_cannot_be_written_marks_the_spool_for_reindexing(
     index.behind.attempts, index.behind.first_pause = 3, 0.01
     calls = {"n": 0}
 
-    def broken(conn: sqlite3.Connection, *args: object) -> RecordOutcome:
+    def broken(conn: Transaction, *args: object) -> RecordOutcome:
         calls["n"] += 1
         raise sqlite3.OperationalError("disk I/O error")
 
@@ -436,7 +534,7 @@ def test_a_row_that_cannot_be_written_marks_the_spool_for_reindexing(
     (spool.unindexed_marker).unlink()
     calls["n"] = 0
 
-    def flaky(conn: sqlite3.Connection, *args: object) -> RecordOutcome:
+    def flaky(conn: Transaction, *args: object) -> RecordOutcome:
         calls["n"] += 1
         if calls["n"] == 1:
             raise sqlite3.OperationalError("database is locked")

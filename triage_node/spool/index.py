@@ -297,12 +297,63 @@ def compare_with_known(index: InstanceIndex, spool: Spool, sop_instance_uid: str
     return stored == digest, digest
 
 
+class Transaction:
+    """One group commit's transaction, as the records in it see it.
+
+    Besides the connection (:meth:`execute`), it holds what earlier records of the same
+    transaction did to study and series rows, so that a batch of instances of one series reads
+    and updates that series' row and its study's row once, not once per instance: per instance
+    there remain the lookup and the insert of its own row. The deferred updates are written by
+    :meth:`finish`, in the same transaction, before it commits.
+    """
+
+    __slots__ = ("conn", "series", "studies")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.studies: dict[str, float] = {}
+        """Studies whose row reads 'receiving' in this transaction → their last arrival."""
+        self.series: dict[str, _SeriesSeen] = {}
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def finish(self) -> None:
+        """Write the series and study updates the records of this transaction deferred."""
+        for series_uid, seen in self.series.items():
+            # Complete at once when it holds as many instances as the sender said it would
+            # (Images in Acquisition); otherwise the assembler's quiet timer completes it. Any
+            # new instance makes it incomplete again until then.
+            self.conn.execute(
+                "UPDATE series SET instance_count = instance_count + ?, last_received = ?,"
+                " completed_at = CASE WHEN expected_instances > 0 AND instance_count + ?"
+                " >= expected_instances THEN ? ELSE NULL END WHERE series_uid = ?",
+                (seen.added, seen.last, seen.added, seen.last, series_uid))
+        for study_uid, last in self.studies.items():
+            self.conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
+                              (last, study_uid))
+
+
+class _SeriesSeen:
+    """A series row as the records of one transaction left it (see :class:`Transaction`)."""
+
+    __slots__ = ("added", "attrs_json", "last")
+
+    def __init__(self, attrs_json: str, last: float) -> None:
+        self.attrs_json = attrs_json
+        self.added = 0
+        self.last = last
+
+
+RecordWork = Callable[[Transaction], "RecordOutcome"]
+
+
 class _Pending:
     """One record waiting for a group commit."""
 
     __slots__ = ("done", "error", "result", "work")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], RecordOutcome]) -> None:
+    def __init__(self, work: RecordWork) -> None:
         self.work = work
         self.done = False
         self.result: RecordOutcome | None = None
@@ -316,9 +367,10 @@ class GroupCommit:
     record included, in one transaction; threads that arrive meanwhile queue their records and
     wait for the next one. One thread alone commits each record at once, as before; many
     associations no longer take turns on SQLite's write lock (whose busy handler sleeps) for
-    a transaction each. In a batch of several, every record runs under its own savepoint (a
-    record alone is its own transaction): one that fails is rolled back and reported to its
-    own caller only; a failed commit is reported to all of the batch.
+    a transaction each. A batch runs at first without savepoints; should one of its records
+    fail, the transaction is rolled back and the batch runs again with each record under its
+    own savepoint: the failing one is rolled back and reported to its own caller only. A
+    failed commit is reported to all of the batch.
     No caller returns before its record is committed. (The C-STORE receiver does not wait:
     it records through :class:`RecordBehind`, which commits whole batches with :meth:`commit`.)
     """
@@ -331,7 +383,7 @@ class GroupCommit:
         self.batches = 0
         self.records = 0
 
-    def run(self, work: Callable[[sqlite3.Connection], RecordOutcome]) -> RecordOutcome:
+    def run(self, work: RecordWork) -> RecordOutcome:
         pending = _Pending(work)
         with self._cond:
             self._queue.append(pending)
@@ -355,21 +407,9 @@ class GroupCommit:
 
     def commit(self, batch: list[_Pending]) -> None:
         """Run ``batch`` in one transaction; each record's result or error is set on it."""
-        savepoints = len(batch) > 1  # a record alone: its own transaction is its savepoint
         try:
-            with self.db.transaction() as conn:
-                for pending in batch:
-                    if savepoints:
-                        conn.execute("SAVEPOINT record")
-                    try:
-                        pending.result = pending.work(conn)
-                    except Exception as exc:  # reported to its own caller
-                        if not savepoints:
-                            raise  # the transaction rolls back: reported below
-                        conn.execute("ROLLBACK TO record")
-                        pending.error = exc
-                    if savepoints:
-                        conn.execute("RELEASE record")
+            if not self._attempt(batch, savepoints=False) and len(batch) > 1:
+                self._attempt(batch, savepoints=True)
         except Exception as exc:  # noqa: BLE001 - BEGIN, COMMIT or a lone record failed
             for pending in batch:
                 pending.result, pending.error = None, pending.error or exc
@@ -378,6 +418,36 @@ class GroupCommit:
                 pending.done = True
             self.batches += 1
             self.records += len(batch)
+
+    def _attempt(self, batch: list[_Pending], *, savepoints: bool) -> bool:
+        """One transaction over ``batch``. Without savepoints, a failing record rolls the
+        whole transaction back and this returns False (nothing was written); with them, it
+        is rolled back alone and its error set on it. A lone record raises its error."""
+        try:
+            with self.db.transaction() as conn:
+                tx = Transaction(conn)
+                for pending in batch:
+                    if savepoints:
+                        conn.execute("SAVEPOINT record")
+                    try:
+                        pending.result = pending.work(tx)
+                    except Exception as exc:  # reported to its own caller
+                        if len(batch) == 1:
+                            raise  # the transaction rolls back: reported by commit
+                        if not savepoints:
+                            raise _Isolate from exc
+                        conn.execute("ROLLBACK TO record")
+                        pending.result, pending.error = None, exc
+                    if savepoints:
+                        conn.execute("RELEASE record")
+                tx.finish()
+        except _Isolate:
+            return False
+        return True
+
+
+class _Isolate(Exception):
+    """A record of a batch failed: roll back, and run the batch again with savepoints."""
 
 
 RecordDone = Callable[[RecordOutcome | None, BaseException | None], None]
@@ -388,8 +458,8 @@ given up on (None, the last error)."""
 class _Queued:
     __slots__ = ("done", "spooled", "uid", "work")
 
-    def __init__(self, uid: str, spooled: SpooledFile,
-                 work: Callable[[sqlite3.Connection], RecordOutcome], done: RecordDone) -> None:
+    def __init__(self, uid: str, spooled: SpooledFile, work: RecordWork,
+                 done: RecordDone) -> None:
         self.uid, self.spooled, self.work, self.done = uid, spooled, work, done
 
 
@@ -431,8 +501,8 @@ class RecordBehind:
         self._last_commit = 0.0
         self._thread: threading.Thread | None = None
 
-    def submit(self, uid: str, spooled: SpooledFile,
-               work: Callable[[sqlite3.Connection], RecordOutcome], done: RecordDone) -> None:
+    def submit(self, uid: str, spooled: SpooledFile, work: RecordWork,
+               done: RecordDone) -> None:
         queued = _Queued(uid, spooled, work, done)
         with self._cond:
             while len(self._queue) >= self.max_queued or self._closing:
@@ -569,7 +639,7 @@ class InstanceIndex:
         """Record one instance; returns once it is committed (shared with concurrent callers,
         :class:`GroupCommit`). Raises :class:`sqlite3.Error` when it could not be recorded."""
         now = time.time()
-        return self.commits.run(lambda conn: self._record(conn, header, spooled, source, now))
+        return self.commits.run(lambda tx: self._record(tx, header, spooled, source, now))
 
     def record_later(self, header: InstanceHeader, spooled: SpooledFile, source: Source,
                      done: RecordDone) -> None:
@@ -578,24 +648,24 @@ class InstanceIndex:
         now = time.time()
         self.behind.submit(
             header.sop_instance_uid, spooled,
-            lambda conn: self._record(conn, header, spooled, source, now), done)
+            lambda tx: self._record(tx, header, spooled, source, now), done)
 
-    def _record(self, conn: sqlite3.Connection, header: InstanceHeader, spooled: SpooledFile,
+    def _record(self, tx: Transaction, header: InstanceHeader, spooled: SpooledFile,
                 source: Source, now: float) -> RecordOutcome:
         study_key = self.keys.study_key(header.study_uid)
-        row = conn.execute(
-            "SELECT study_key, status FROM studies WHERE study_uid = ?", (header.study_uid,)
-        ).fetchone()
-        reopened = False
-        if row is None:
-            conn.execute(
+        study_uid, series_uid = header.study_uid, header.series_uid
+        receiving = study_uid in tx.studies  # an earlier record of this transaction saw it
+        row = None if receiving else tx.execute(
+            "SELECT status FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        if row is None and not receiving:
+            tx.execute(
                 "INSERT INTO studies (study_uid, study_key, status, attrs_json, calling_ae,"
                 " called_ae, source_host, first_received, last_received, receiving_since)"
                 " VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?, ?)",
-                (header.study_uid, study_key, json.dumps(header.attributes),
+                (study_uid, study_key, json.dumps(header.attributes),
                  source.calling_ae, source.called_ae, source.host, now, now, now),
             )
-        existing = conn.execute(
+        existing = tx.execute(
             "SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
             (header.sop_instance_uid,),
         ).fetchone()
@@ -603,39 +673,34 @@ class InstanceIndex:
             return RecordOutcome(study_key, new_instance=False, reopened=False)
         # A known UID whose bytes were not hashed arrived on another association between
         # compare_with_known and here: counted as changed content, so both copies are kept.
-        if row is not None and row["status"] != "receiving":
-            reopened = True
-            conn.execute(
+        reopened = row is not None and row["status"] != "receiving"
+        if reopened:
+            tx.execute(
                 "UPDATE studies SET status = 'receiving', generation = generation + 1,"
                 " last_received = ?, receiving_since = ? WHERE study_uid = ?",
-                (now, now, header.study_uid))
+                (now, now, study_uid))
+        seen = tx.series.get(series_uid)
+        if seen is None:
+            found = tx.execute("SELECT attrs_json FROM series WHERE series_uid = ?",
+                               (series_uid,)).fetchone()
+            if found is None:  # the series' first instance
+                series_json = json.dumps(header.attributes)
+                tx.execute(
+                    "INSERT INTO series (series_uid, study_uid, series_key, modality,"
+                    " attrs_json, first_received, last_received, expected_instances)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (series_uid, study_uid, self.keys.series_key(series_uid),
+                     header.modality, series_json, now, now,
+                     _expected_instances(header.attributes)),
+                )
+            else:
+                series_json = found[0]
         else:
-            conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
-                         (now, header.study_uid))
-        # A series is complete at once when it holds as many instances as the sender
-        # said it would (Images in Acquisition); otherwise the assembler's quiet timer
-        # completes it. Any new instance makes it incomplete again until then.
-        update_series = (
-            "UPDATE series SET instance_count = instance_count + ?, last_received = ?,"
-            " completed_at = CASE WHEN expected_instances > 0 AND instance_count + ?"
-            " >= expected_instances THEN ? ELSE NULL END WHERE series_uid = ?"
-            " RETURNING attrs_json",
-            (int(existing is None), now, int(existing is None), now, header.series_uid))
-        updated = conn.execute(*update_series).fetchall()
-        if not updated:  # the series' first instance
-            conn.execute(
-                "INSERT INTO series (series_uid, study_uid, series_key, modality, attrs_json,"
-                " first_received, expected_instances) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (header.series_uid, header.study_uid, self.keys.series_key(header.series_uid),
-                 header.modality, json.dumps(header.attributes), now,
-                 _expected_instances(header.attributes)),
-            )
-            updated = conn.execute(*update_series).fetchall()
-        series_json = updated[0][0]
+            series_json = seen.attrs_json
         delta = json.dumps(attribute_delta(self._parsed(series_json), header.attributes))
         # A changed instance (same UID, new bytes) replaces the row; the older file stays
         # in the spool, so nothing accepted is lost.
-        conn.execute(
+        tx.execute(
             "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
             " transfer_syntax, path, size, sha256, attrs_delta_json, received_at)"
             " VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -643,9 +708,16 @@ class InstanceIndex:
             " size=excluded.size, sha256=excluded.sha256, received_at=excluded.received_at,"
             " transfer_syntax=excluded.transfer_syntax,"
             " attrs_delta_json=excluded.attrs_delta_json",
-            (header.sop_instance_uid, header.series_uid, header.study_uid,
+            (header.sop_instance_uid, series_uid, study_uid,
              header.sop_class_uid, header.transfer_syntax, spooled.relative_path,
              spooled.size, spooled.sha256, delta, now),
         )
+        # Every statement of this record succeeded: what the next records of the transaction
+        # may take as read (the study and series updates follow in Transaction.finish).
+        tx.studies[study_uid] = max(now, tx.studies.get(study_uid, now))
+        if seen is None:
+            seen = tx.series[series_uid] = _SeriesSeen(series_json, now)
+        seen.added += existing is None
+        seen.last = max(seen.last, now)
         return RecordOutcome(study_key, new_instance=True, reopened=reopened,
                              replaced=existing is not None)
