@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from triage_node.receive.scp import _READ_CHUNK, _Association, _Closed
-from triage_node.spool.store import IncomingFile
+from triage_node.spool.store import HEAD_BYTES, IncomingFile
 
 
 def _feed(sock: socket.socket, data: bytes, rng: random.Random) -> None:
@@ -72,3 +72,33 @@ def test_a_silent_peer_times_out(tmp_path: Path) -> None:
     assert 0.15 < time.monotonic() - started < 5
     ours.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("pieces", [
+    [100], [HEAD_BYTES - 1, 1], [HEAD_BYTES], [10, HEAD_BYTES, 10], [1] * 300 + [300_000],
+    [HEAD_BYTES + 5, 1], ["map", 100, "map", HEAD_BYTES, "map", 7],
+])
+def test_an_incoming_file_holds_what_was_written_whenever_it_is_read(
+        tmp_path: Path, pieces: list[int | str]) -> None:
+    """The head is kept in memory until it is whole and then written at once: the mapped
+    file, the head, the size and the sealed file are the bytes written so far, whether the
+    instance is shorter than the head, ends on it, or is mapped while the head is partial."""
+    rng = random.Random(len(pieces))
+    incoming = IncomingFile(tmp_path)
+    written = bytearray()
+    for piece in pieces:
+        if piece == "map":
+            if written:
+                with incoming.map() as mapped:
+                    assert mapped[:] == written
+            continue
+        assert isinstance(piece, int)
+        data = rng.randbytes(piece)
+        incoming.write(memoryview(data))
+        written += data
+        assert incoming.size == len(written)
+        assert incoming.head == written[:HEAD_BYTES]
+    with incoming.map() as mapped:
+        assert mapped[:] == written
+    incoming.seal()
+    assert incoming.path.read_bytes() == written

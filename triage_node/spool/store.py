@@ -118,18 +118,40 @@ class IncomingFile:
         self._fd: int | None = fd
         self.size = 0
         self.head = bytearray()
+        self._head_in_file = False
+        """The head goes to the file in one write once it is whole (or when the file is
+        mapped or sealed first: an instance shorter than the head), not piece by piece as
+        the file meta and the network reads bring it."""
         self._unflushed = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after seal"
         view = memoryview(data)
         if len(self.head) < HEAD_BYTES:
-            self.head += view[:HEAD_BYTES - len(self.head)]
-        self.size += len(view)
+            kept = view[:HEAD_BYTES - len(self.head)]
+            self.head += kept
+            if not self._head_in_file:
+                self.size += len(kept)
+                if len(self.head) < HEAD_BYTES:
+                    return
+                self._write_head()
+                view = view[len(kept):]
+        if view:
+            self.size += len(view)
+            self._write_out(view)
+
+    def _write_head(self) -> None:
+        if not self._head_in_file:
+            self._head_in_file = True
+            self._write_out(memoryview(self.head))
+
+    def _write_out(self, view: memoryview) -> None:
+        assert self._fd is not None
+        length = len(view)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._unflushed += len(data)
+        self._unflushed += length
         if self._unflushed >= WRITEBACK_BYTES and _start_writeback is not None:
             # Start writing these pages to the disk now, while the rest is still arriving:
             # the fdatasync before Success then waits only for the tail and the journal.
@@ -146,12 +168,14 @@ class IncomingFile:
         """The bytes written so far, mapped read-only (never empty: the receiver writes the
         file meta first)."""
         assert self._fd is not None, "map after seal"
+        self._write_head()
         return mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
 
     def seal(self) -> None:
         """Flush the bytes to disk and close."""
         assert self._fd is not None, "sealed twice"
         try:
+            self._write_head()
             os.fdatasync(self._fd)
         finally:
             os.close(self._fd)
