@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pydicom
 import pytest
@@ -231,14 +232,16 @@ def _batch_scenario() -> list[tuple[InstanceHeader, SpooledFile]]:
     a new series, and a record that fails after writing its series row."""
     base = read_header(_ct_bytes())
 
-    def header(series: str, n: int, expected: int | None, **changes: object) -> InstanceHeader:
+    def header(series: str, n: int, expected: int | None,
+               sop_class_uid: str = base.sop_class_uid) -> InstanceHeader:
         uid = f"1.2.826.0.1.3680043.8.498.97.{series}.{n}"
         attributes = {**base.attributes, "SOPInstanceUID": uid, "InstanceNumber": str(n),
                       "SeriesInstanceUID": f"{base.study_uid}.{series}"}
         if expected is not None:
             attributes["ImagesInAcquisition"] = str(expected)
         return dataclasses.replace(base, sop_instance_uid=uid, attributes=attributes,
-                                   series_uid=f"{base.study_uid}.{series}", **changes)
+                                   series_uid=f"{base.study_uid}.{series}",
+                                   sop_class_uid=sop_class_uid)
 
     def spooled(h: InstanceHeader, sha: str = "") -> SpooledFile:
         return SpooledFile(f"studies/x/{h.sop_instance_uid}-{sha}.dcm", sha, 100, False)
@@ -251,7 +254,7 @@ def _batch_scenario() -> list[tuple[InstanceHeader, SpooledFile]]:
         (a[1], spooled(a[1])), (a[2], spooled(a[2])),   # series 1 completes (3 of 3)
         (a[0], spooled(a[0], "f" * 64)),                # series 1's first, changed bytes
         (b[0], spooled(b[0])),                          # series 2: 2 of 5, stays open
-        (header("4", 1, None, sop_class_uid=None), spooled(c[0])),  # fails: NOT NULL
+        (header("4", 1, None, cast(str, None)), spooled(c[0])),  # fails: NOT NULL
         (b[1], spooled(b[1])), (c[0], spooled(c[0])),
         (a[2], spooled(a[2], "e" * 64)),                # changed again in the same batch
         (d, spooled(d)),                                # the failed one's series, again
@@ -293,9 +296,14 @@ def test_a_batch_leaves_the_rows_one_transaction_per_record_would(
             index.behind.interval, index.behind.attempts = 5.0, 1
             index.behind._last_commit = time.monotonic()
             outcomes: dict[int, object] = {}
+
+            def teller(i: int) -> Callable[[RecordOutcome | None, BaseException | None], None]:
+                def told(outcome: RecordOutcome | None, error: BaseException | None) -> None:
+                    outcomes[i] = type(error).__name__ if error else outcome
+                return told
+
             for i, (h, spooled) in enumerate(_batch_scenario()):
-                index.record_later(h, spooled, SRC, lambda o, e, i=i: outcomes.__setitem__(
-                    i, type(e).__name__ if e else o))
+                index.record_later(h, spooled, SRC, teller(i))
             assert index.behind.flush(10)
             assert index.commits.batches == 2  # the first record above, then this batch
             told = [outcomes[i] for i in sorted(outcomes)]
@@ -554,3 +562,39 @@ def test_a_row_that_cannot_be_written_marks_the_spool_for_reindexing(
     assert report.unclean and report.reindexed == 1
     assert not (spool.unindexed_marker).exists()
     assert len(index.db.query("SELECT 1 FROM instances")) == 2
+
+
+def test_free_space_is_read_for_every_instance_only_near_the_watermark(
+        index: InstanceIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Far above the watermark the free space is read at most every FREE_SPACE_RECHECK
+    seconds; within FREE_SPACE_MARGIN of it, for every instance; a watermark raised above
+    the free space refuses the next instance at once."""
+    import shutil
+    import types
+
+    from triage_node.receive.ingest import FREE_SPACE_MARGIN, FREE_SPACE_RECHECK
+
+    free = [50 << 30]
+    reads: list[object] = []
+
+    def disk_usage(path: object) -> types.SimpleNamespace:
+        reads.append(path)
+        return types.SimpleNamespace(free=free[0])
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    ingestor = Ingestor(Spool(tmp_path / "spool"), index, min_free_bytes=10 << 30)
+    assert all(ingestor.has_space() for _ in range(100))
+    assert len(reads) == 1
+    last_free, read_at = ingestor._free
+    ingestor._free = (last_free, read_at - FREE_SPACE_RECHECK - 0.01)  # time has passed
+    free[0] = (10 << 30) - 1  # the disk filled meanwhile: seen at the next read
+    assert not ingestor.has_space() and len(reads) == 2
+    assert not ingestor.has_space() and len(reads) == 3  # near the watermark: every time
+    free[0] = (10 << 30) + FREE_SPACE_MARGIN // 2
+    assert all(ingestor.has_space() for _ in range(10)) and len(reads) == 13
+    free[0] = 50 << 30
+    assert ingestor.has_space()
+    ingestor.min_free_bytes = 60 << 30  # raised above the free space
+    assert not ingestor.has_space()
+    ingestor.min_free_bytes = 0
+    assert ingestor.has_space()

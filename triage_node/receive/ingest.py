@@ -7,10 +7,12 @@ protocol (a C-STORE status, a STOW-RS failure reason).
 
 from __future__ import annotations
 
+import math
 import mmap
 import shutil
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from enum import Enum
 
@@ -72,6 +74,12 @@ def _log_record(outcome: RecordOutcome, study_key: str) -> None:
         log.info("late instance reopened study", stage="receive", study_key=study_key)
 
 
+FREE_SPACE_MARGIN = 1 << 30
+"""Closer than this to the free-disk watermark, the free space is read for every instance."""
+FREE_SPACE_RECHECK = 0.5
+"""Farther from it, the free space is read at most this often (seconds)."""
+
+
 class Ingestor:
     def __init__(self, spool: Spool, index: InstanceIndex, *, min_free_bytes: int = 0,
                  limits: LimitsConfig | None = None) -> None:
@@ -82,6 +90,8 @@ class Ingestor:
         """What the receiver accepts (``limits`` in node.yaml); None: the defaults."""
         self._lock = threading.Lock()
         self.counters = {s.value: 0 for s in IngestStatus}
+        self._free: tuple[int, float] = (0, -math.inf)
+        """Free bytes on the spool's disk, and when they were read (see has_space)."""
 
     def _count(self, outcome: IngestOutcome) -> IngestOutcome:
         with self._lock:
@@ -89,9 +99,21 @@ class Ingestor:
         return outcome
 
     def has_space(self) -> bool:
-        """Free disk is above the configured watermark."""
-        return not (self.min_free_bytes
-                    and shutil.disk_usage(self.spool.root).free < self.min_free_bytes)
+        """Free disk is above the configured watermark.
+
+        The free space is read again (``statfs``) for every instance once it is within
+        :data:`FREE_SPACE_MARGIN` of the watermark, and otherwise at most every
+        :data:`FREE_SPACE_RECHECK` seconds: to fill the margin between two reads the disk
+        would have to take more than 2 GB/s.
+        """
+        if not self.min_free_bytes:
+            return True
+        free, read_at = self._free
+        now = time.monotonic()
+        if free < self.min_free_bytes + FREE_SPACE_MARGIN or now - read_at > FREE_SPACE_RECHECK:
+            free = shutil.disk_usage(self.spool.root).free
+            self._free = (free, now)
+        return free >= self.min_free_bytes
 
     def refuse_no_space(self) -> IngestOutcome:
         log.error("instance refused: free disk below watermark", stage="receive")
