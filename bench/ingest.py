@@ -325,27 +325,30 @@ def main(argv: list[str] | None = None) -> int:
                               flush=True)
             results = {key: float(np.median([r[0] for r in rs])) for key, rs in runs.items()}
 
-            def ratio(name: str, reference: str, label: int) -> float:
-                """Median over the repeats of the speed ratio within each repeat: the runs
-                compared follow each other within seconds, so a slow minute of the machine
-                slows both (a ratio of medians would mix minutes)."""
+            def ratio(name: str, reference: str, label: int) -> str:
+                """Median over the repeats of the speed ratio within each repeat, and its
+                range: the runs compared follow each other within seconds, so a slow minute
+                of the machine slows both (a ratio of medians would mix minutes)."""
                 ours, theirs = runs[(name, label)], runs.get((reference, label))
                 if not theirs:
-                    return float("nan")
-                return float(np.median([t[0] / o[0] for o, t in zip(ours, theirs, strict=True)]))
+                    return f"{'-':>4} {'':9}"
+                ratios = [t[0] / o[0] for o, t in zip(ours, theirs, strict=True)]
+                return (f"{float(np.median(ratios)):4.2f} "
+                        f"{min(ratios):4.2f}–{max(ratios):<4.2f}")
             print(f"\n{args.instances} instances, {megabytes:.0f} MB, storescu → receiver, "
                   f"loopback, {os.cpu_count()} cores; median of {args.repeats} runs (range); "
                   f"CPU: ms per instance, receiver and sender")
             print(f"{'receiver':<15} {'assoc':>5} {'inst/s':>8} {'range':>11} {'MB/s':>7} "
-                  f"{'× orthanc':>10} {'× storescp':>11} {'CPU rx':>7} {'CPU tx':>7}")
+                  f"{'× orthanc (range)':>19} {'× storescp (range)':>19} {'CPU rx':>7} "
+                  f"{'CPU tx':>7}")
             for (name, label), elapsed in results.items():
                 rates = sorted(args.instances / r[0] for r in runs[(name, label)])
                 cpu_rx = 1000 * float(np.median([r[1] for r in runs[(name, label)]]))
                 cpu_tx = 1000 * float(np.median([r[2] for r in runs[(name, label)]]))
                 print(f"{name:<15} {label:>5} {args.instances / elapsed:8.1f} "
                       f"{rates[0]:5.0f}–{rates[-1]:<5.0f} {megabytes / elapsed:7.1f} "
-                      f"{ratio(name, 'orthanc', label):10.2f} "
-                      f"{ratio(name, 'storescp', label):11.2f} "
+                      f"{ratio(name, 'orthanc', label):>19} "
+                      f"{ratio(name, 'storescp', label):>19} "
                       f"{cpu_rx / args.instances:7.2f} {cpu_tx / args.instances:7.2f}")
             if args.memory_instances and (not args.only or "triage-node" in args.only):
                 node = receivers[2]
