@@ -17,7 +17,7 @@ Each receiver gets the study over 1 association, then over 4 (the files split in
 ``storescu`` per part, started together). Figures are instances/s and MB/s from the first
 association request to the last response; the ratios to Orthanc and storescp are the
 medians over the repeats of the ratio within each repeat (receivers take turns, so the runs
-compared are seconds apart).
+compared are seconds apart), printed with their range over the repeats.
 
 First it measures what durability costs on this disk: the median ``fdatasync`` of a new
 file and ``fsync`` of its folder, the two flushes triage-node pays before each Success, and
