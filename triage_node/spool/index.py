@@ -408,7 +408,7 @@ class GroupCommit:
     def commit(self, batch: list[_Pending]) -> None:
         """Run ``batch`` in one transaction; each record's result or error is set on it."""
         try:
-            if not self._attempt(batch, savepoints=False) and len(batch) > 1:
+            if not self._attempt(batch, savepoints=False):
                 self._attempt(batch, savepoints=True)
         except Exception as exc:  # noqa: BLE001 - BEGIN, COMMIT or a lone record failed
             for pending in batch:
