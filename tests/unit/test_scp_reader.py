@@ -6,6 +6,7 @@ the order they were sent: fed here through a real socket pair in chunks of 1 byt
 
 from __future__ import annotations
 
+import mmap
 import random
 import socket
 import threading
@@ -102,3 +103,50 @@ def test_an_incoming_file_holds_what_was_written_whenever_it_is_read(
         assert mapped[:] == written
     incoming.seal()
     assert incoming.path.read_bytes() == written
+
+
+@pytest.mark.parametrize(("pieces", "last_fragment"), [
+    # a 512x512 CT as storescu's 128 KiB PDVs bring it: the last fragment is a few KiB
+    ([1000, HEAD_BYTES - 1000, 65_894, 38_472, 92_588, 131_060, 38_472, 92_588], [1_390]),
+    # a 3 MB instance in 1 MiB PDVs, read 256 KiB at a time, the last fragment 1 MiB
+    ([262_144] * 8, [262_144] * 3 + [100_000]),
+])
+def test_writeback_hands_over_whole_pages_before_the_bytes_still_coming(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pieces: list[int],
+        last_fragment: list[int]) -> None:
+    """Early writeback (sync_file_range) takes only whole pages written before the next
+    write, in order and without gaps or overlaps, and stops once the last fragment arrives:
+    the fdatasync writes that tail, the partial page included, in one request."""
+    from triage_node.spool import store
+
+    handed: list[tuple[int, int, int]] = []  # (offset, length, bytes in the file then)
+    incoming = IncomingFile(tmp_path)
+    monkeypatch.setattr(store, "_start_writeback", lambda fd, offset, length, flags:
+                        handed.append((offset, length, _file_size(incoming))) or 0)
+    rng = random.Random(len(pieces))
+    written = bytearray()
+    for piece in pieces:
+        data = rng.randbytes(piece)
+        incoming.write(data)
+        written += data
+    before_last = len(written)
+    incoming.ending()
+    for piece in last_fragment:
+        data = rng.randbytes(piece)
+        incoming.write(data)
+        written += data
+    incoming.seal()
+    assert incoming.path.read_bytes() == written
+    assert handed, "a long instance hands pages over before its end"
+    position = 0
+    for offset, length, in_file in handed:
+        assert offset == position and length > 0
+        assert offset % mmap.PAGESIZE == 0 and length % mmap.PAGESIZE == 0
+        assert offset + length <= in_file  # only bytes already written: no partial page
+        position = offset + length
+    assert position <= before_last  # nothing of the last fragment
+    assert before_last - position < store.WRITEBACK_BYTES + mmap.PAGESIZE
+
+
+def _file_size(incoming: IncomingFile) -> int:
+    return incoming.path.stat().st_size

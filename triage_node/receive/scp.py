@@ -594,6 +594,8 @@ class _Association:
             raise ProtocolError("data set fragment on another presentation context")
         incoming = message.incoming
         rest = size
+        if last and incoming is not None:
+            incoming.ending()
         if incoming is not None and not message.head_read:
             to_head = HEAD_BYTES - len(incoming.head)
             if to_head < rest or (to_head == rest and not last):

@@ -16,6 +16,7 @@ that matters (:func:`triage_node.spool.index.compare_with_known`), not for every
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -39,8 +40,13 @@ WRITEBACK_BYTES = 262_144
 """An incoming file's pages are handed to the disk (``sync_file_range``) every this many
 bytes, while the rest of the instance arrives. Each hand-over is a request of its own to the
 disk: 256 KiB rather than 128 KiB halves them, which cut the receiver's CPU by about a tenth
-at 4 associations (docs/operations.md, "Receiving at speed")."""
+at 4 associations (docs/operations.md, "Receiving at speed"). A hand-over happens when the
+next bytes are about to be written and takes the whole pages before them (a page still being
+filled would be written twice); none happens once the instance's last fragment is arriving
+(:meth:`IncomingFile.ending`): the ``fdatasync`` right after it writes the tail in one
+request."""
 _SYNC_FILE_RANGE_WRITE = 2
+_PAGE = mmap.PAGESIZE
 
 
 def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
@@ -64,7 +70,7 @@ def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
 _start_writeback = _writeback_starter()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -72,9 +78,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _create_part(folder: Path) -> tuple[Path, int]:
+def _create_part(folder: str) -> tuple[str, int]:
     # Read-write, so that the header can be mapped from the same descriptor (IncomingFile.map).
-    path = folder / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
+    path = f"{folder}/{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.part"
     return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
 
 
@@ -113,8 +119,10 @@ class IncomingFile:
     crash are removed when the spool opens: the sender was not told Success for them.
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.path, fd = _create_part(folder)
+    def __init__(self, folder: str | Path) -> None:
+        # Paths are plain strings on this path, taken once per instance: pathlib's parsing
+        # and joining cost a few per cent of the receiver's interpreter time.
+        self._path, fd = _create_part(os.fspath(folder))
         self._fd: int | None = fd
         self.size = 0
         self.head = bytearray()
@@ -122,7 +130,14 @@ class IncomingFile:
         """The head goes to the file in one write once it is whole (or when the file is
         mapped or sealed first: an instance shorter than the head), not piece by piece as
         the file meta and the network reads bring it."""
-        self._unflushed = 0
+        self._handed = 0
+        """Bytes from the start handed to the disk so far (whole pages)."""
+        self._ending = False
+
+    def ending(self) -> None:
+        """The rest of the instance is its last fragment: no more early writeback, the
+        ``fdatasync`` of :meth:`seal` writes what is left in one request."""
+        self._ending = True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after seal"
@@ -147,17 +162,23 @@ class IncomingFile:
 
     def _write_out(self, view: memoryview) -> None:
         assert self._fd is not None
-        length = len(view)
+        before = self.size - len(view)
+        if (before - self._handed >= WRITEBACK_BYTES and not self._ending
+                and _start_writeback is not None):
+            # More is arriving: start writing the whole pages before it to the disk now, so
+            # that the fdatasync before Success waits only for the tail and the metadata.
+            whole = before - before % _PAGE
+            _start_writeback(self._fd, self._handed, whole - self._handed,
+                             _SYNC_FILE_RANGE_WRITE)
+            self._handed = whole
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._unflushed += length
-        if self._unflushed >= WRITEBACK_BYTES and _start_writeback is not None:
-            # Start writing these pages to the disk now, while the rest is still arriving:
-            # the fdatasync before Success then waits only for the tail and the journal.
-            _start_writeback(self._fd, self.size - self._unflushed, self._unflushed,
-                             _SYNC_FILE_RANGE_WRITE)
-            self._unflushed = 0
+
+    @property
+    def path(self) -> Path:
+        """Where the file is now (``incoming/``, then its study folder or quarantine)."""
+        return Path(self._path)
 
     @property
     def is_open(self) -> bool:
@@ -181,16 +202,17 @@ class IncomingFile:
             os.close(self._fd)
             self._fd = None
 
-    def move(self, path: Path) -> None:
+    def move(self, path: str | Path) -> None:
         """Rename the (open) file; the caller seals it and fsyncs the folders after."""
-        os.replace(self.path, path)
-        self.path = path
+        os.replace(self._path, path)
+        self._path = os.fspath(path)
 
     def discard(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
 
 
 def sha256_of(data: bytes | mmap.mmap) -> str:
@@ -218,6 +240,8 @@ class Spool:
         (root / "quarantine").mkdir(parents=True, exist_ok=True)
         self.incoming_dir = root / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._root = os.fspath(root)
+        self._incoming = os.fspath(self.incoming_dir)
         self._receiving = False
 
     UNINDEXED = "UNINDEXED"
@@ -249,7 +273,7 @@ class Spool:
 
     def incoming(self) -> IncomingFile:
         self._receiving = True
-        return IncomingFile(self.incoming_dir)
+        return IncomingFile(self._incoming)
 
     def _relative(self, study_key: str, sop_instance_uid: str, suffix: str) -> str:
         name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
@@ -271,18 +295,19 @@ class Spool:
         it is complete (the sender re-sends it; the copy is recognised).
         """
         relative = self._relative(study_key, sop_instance_uid, "r" + secrets.token_hex(8))
-        path = self.root / relative
+        path = f"{self._root}/{relative}"
+        folder = os.path.dirname(path)
         new_folder = False
         try:
             incoming.move(path)
         except FileNotFoundError:  # the study's first instance (or retention removed it)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             new_folder = True
             incoming.move(path)
         incoming.seal()
-        _fsync_dir(path.parent)
+        _fsync_dir(folder)
         if new_folder:
-            _fsync_dir(path.parent.parent)
+            _fsync_dir(os.path.dirname(folder))
         return SpooledFile(relative, sha256, incoming.size, already_present=False)
 
     def content_sha256(self, relative: str) -> str:
