@@ -24,7 +24,6 @@ import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
 
 from pydicom.datadict import (
     dictionary_has_tag,
@@ -162,13 +161,13 @@ def _implicit_vr(tag: int) -> str | None:
     return vr if vr in _KNOWN_VRS else None  # "US or SS", "OB or OW", …: pydicom decides
 
 
-_CONVERTED: dict[tuple[str, str, bytes], str | list[str] | None] = {}
-"""Converted values by (VR, encoding, bytes). The instances of a series repeat most of their
-header (patient, study, series, equipment, geometry): each distinct value is converted once.
-A value that does not convert raises each time and is never stored."""
+_CONVERTED: dict[tuple[int, str, str, bytes], tuple[str, str | list[str] | None]] = {}
+"""An element's index key and converted value by (tag, VR, encoding, bytes). The instances of
+a series repeat most of their header (patient, study, series, equipment, geometry): each
+distinct element is converted once, in one lookup. A value that does not convert raises each
+time and is never stored."""
 _CACHED_VALUES = 16_384
 _CACHED_VALUE_BYTES = 256
-_MISSING = object()
 
 
 class _Skip(Exception):
@@ -335,21 +334,21 @@ def _scan(data: Received) -> ScannedHeader:
             if not length:
                 continue
             value = bytes(data[at:at + length])
-            key = (vr, encoding, value)
-            cached = converted_values.get(key, _MISSING)
-            converted: str | list[str] | None
-            if cached is not _MISSING:
-                converted = cast("str | list[str] | None", cached)
-            else:
-                converted = (raw_text(value, vr, encoding) if vr in TEXT_VRS
-                             else raw_tags(value) if vr == "AT" else raw_numbers(value, vr))
+            key = (tag, vr, encoding, value)
+            remembered = converted_values.get(key)
+            if remembered is None:
+                remembered = (attribute_key(tag),
+                              raw_text(value, vr, encoding) if vr in TEXT_VRS
+                              else raw_tags(value) if vr == "AT" else raw_numbers(value, vr))
                 if length <= _CACHED_VALUE_BYTES:
                     if len(converted_values) >= _CACHED_VALUES:
                         converted_values.clear()
-                    converted_values[key] = converted
+                    converted_values[key] = remembered
+            keyword, converted = remembered
             if converted is not None:
-                attributes[attribute_key(tag)] = (
-                    converted if isinstance(converted, str) else list(converted))
+                # A list is copied: the remembered one must not change with the caller's.
+                attributes[keyword] = (converted if converted.__class__ is str
+                                       else list(converted))
     except (UnicodeDecodeError, ValueError, struct.error):
         raise _Skip from None
     for keyword in _GEOMETRY:  # the checks convert these; pydicom's IS/US rules differ at edges
