@@ -7,6 +7,7 @@ the order they were sent: fed here through a real socket pair in chunks of 1 byt
 from __future__ import annotations
 
 import mmap
+import os
 import random
 import socket
 import threading
@@ -121,8 +122,12 @@ def test_writeback_hands_over_whole_pages_before_the_bytes_still_coming(
 
     handed: list[tuple[int, int, int]] = []  # (offset, length, bytes in the file then)
     incoming = IncomingFile(tmp_path)
-    monkeypatch.setattr(store, "_start_writeback", lambda fd, offset, length, flags:
-                        handed.append((offset, length, _file_size(incoming))) or 0)
+
+    def start_writeback(fd: int, offset: int, length: int, flags: int) -> int:
+        handed.append((offset, length, os.fstat(fd).st_size))
+        return 0
+
+    monkeypatch.setattr(store, "_start_writeback", start_writeback)
     rng = random.Random(len(pieces))
     written = bytearray()
     for piece in pieces:
@@ -146,7 +151,3 @@ def test_writeback_hands_over_whole_pages_before_the_bytes_still_coming(
         position = offset + length
     assert position <= before_last  # nothing of the last fragment
     assert before_last - position < store.WRITEBACK_BYTES + mmap.PAGESIZE
-
-
-def _file_size(incoming: IncomingFile) -> int:
-    return incoming.path.stat().st_size
