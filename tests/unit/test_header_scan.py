@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import random
 import warnings
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
+from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, generate_uid
 from pydicom.values import convert_value
 
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import LimitsConfig
-from triage_node.spool.header_scan import TEXT_VRS, ScannedHeader, raw_text, scan
+from triage_node.spool import header_scan
+from triage_node.spool.header_scan import TEXT_VRS, ScannedHeader, raw_text, scan, scan_next
 from triage_node.spool.index import (
     _plain,
     header_from_head,
@@ -251,3 +255,132 @@ def test_a_head_cut_before_the_pixel_data_gives_nothing(name: str) -> None:
     if whole is not None and whole.stop_offset < len(data):
         # The pixel data element's header in full (12 bytes at most) is enough.
         assert scan_head(bytearray(data[:end + 12])) == whole
+
+
+def _through_layout(data: bytes) -> tuple[ScannedHeader | None, bool]:
+    """``scan_next`` of ``data``, and whether it was read through the last head's layout."""
+    before = getattr(header_scan._SAME_LAYOUT, "layout", None)
+    result = scan_next(data)
+    return result, before is not None and header_scan._SAME_LAYOUT.layout is before
+
+
+def _same_as_full_scan(data: bytes, label: str) -> bool:
+    expected = scan(data)
+    got, through_layout = _through_layout(data)
+    assert got == expected, label
+    if got is not None and expected is not None:  # the same order too (JSON in the index)
+        assert list(got.attributes) == list(expected.attributes), label
+    return through_layout
+
+
+def test_a_series_read_head_after_head_reads_as_each_head_alone(tmp_path: Path) -> None:
+    """The receiver reads an association's heads through the last one's layout when only
+    values differ (``scan_next``): for a series as a scanner writes it (new UIDs, instance
+    numbers, positions), every head after the first takes that path, and gives exactly what
+    a full scan of it gives."""
+    rng = np.random.default_rng(3)
+    hu = rng.normal(0, 50, size=(12, 64, 64)).astype(np.float32)
+    files = write_ct_series(hu, (1.0, 0.7, 0.7), tmp_path, patient_name="SCAN^NEXT",
+                            patient_id="NEXT1", accession_number="ACC2",
+                            study_description="CT", series_description="Axial",
+                            body_part_examined="CHEST")
+    header_scan._SAME_LAYOUT.layout = None
+    through = [_same_as_full_scan(path.read_bytes()[:HEAD_BYTES], path.name) for path in files]
+    assert through == [False] + [True] * (len(files) - 1)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
+                                  "SC_rgb_rle.dcm", "MR_small.dcm"])
+def test_changed_bytes_read_through_the_layout_as_a_full_scan_reads_them(name: str) -> None:
+    """Bytes changed anywhere before the pixel data, after a head of that layout: values
+    (text, numbers, the character set, private creators, Pixel Representation), lengths,
+    VRs, tags, sequence items. Whatever the path, the result is the full scan's."""
+    data = pydicom_file(name)
+    base = scan(data)
+    assert base is not None and base.stop_offset < len(data)
+    limit = base.stop_offset + 4
+    rng = random.Random(name)
+    through = 0
+    for trial in range(800):
+        header_scan._SAME_LAYOUT.layout = None
+        scan_next(data)  # the previous head: the unchanged file
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(0, limit)
+            mutated[at] = rng.choice([0x00, 0x20, 0x30, 0x39, 0x2E, 0x5C, rng.randrange(256)])
+        through += _same_as_full_scan(bytes(mutated), f"{name} trial {trial}")
+    assert through > 100, through  # most changes fall inside values
+
+
+def test_a_changed_character_set_is_read_in_full(tmp_path: Path) -> None:
+    """The same bytes under another Specific Character Set of the same length read as
+    that character set says, not as the last head's did."""
+    hu = np.zeros((1, 16, 16), dtype=np.float32)
+    [path] = write_ct_series(hu, (1.0, 1.0, 1.0), tmp_path, patient_name="M\u00fcller^J\u00f6rg",
+                             patient_id="CS1", accession_number="ACC3", study_description="CT",
+                             series_description="Axial", body_part_examined="HEAD")
+    utf8 = path.read_bytes()[:HEAD_BYTES]
+    at = utf8.find(b"ISO_IR 192")
+    assert at > 0, "the series is written in UTF-8"
+    latin = utf8[:at] + b"ISO_IR 100" + utf8[at + 10:]
+    header_scan._SAME_LAYOUT.layout = None
+    assert not _same_as_full_scan(utf8, "utf-8")
+    assert not _same_as_full_scan(latin, "latin-1")  # a differing character set: in full
+    as_utf8, as_latin = scan(utf8), scan(latin)
+    assert as_utf8 is not None and as_latin is not None
+    assert as_utf8.attributes["PatientName"] == "M\u00fcller^J\u00f6rg"
+    assert as_latin.attributes["PatientName"] == "M\u00c3\u00bcller^J\u00c3\u00b6rg"
+
+
+def _implicit_file(private: bool = False, **elements: object) -> bytes:
+    """A small implicit VR little endian CT instance with ``elements`` added (and a private
+    block of a creator pydicom's private dictionary knows)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 2
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    if private:
+        ds.add_new(0x00090010, "LO", "GEMS_IDEN_01")
+        ds.add_new(0x00091001, "LO", "FULL")  # LO "Full fidelity" in that dictionary
+    ds.PixelData = bytes(8)
+    out = BytesIO()
+    ds.save_as(out, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_a_changed_pixel_representation_is_read_in_full() -> None:
+    """Smallest Image Pixel Value is US or SS by Pixel Representation: the same two bytes
+    read 65535 under one and -1 under the other, not as the last head said."""
+    unsigned = _implicit_file(PixelRepresentation=0, SmallestImagePixelValue=65535)
+    at = unsigned.index(b"\x28\x00\x03\x01\x02\x00\x00\x00") + 8
+    signed = unsigned[:at] + b"\x01\x00" + unsigned[at + 2:]
+    header_scan._SAME_LAYOUT.layout = None
+    assert not _same_as_full_scan(unsigned, "unsigned")
+    assert not _same_as_full_scan(signed, "signed")
+    as_signed = scan(signed)
+    assert as_signed is not None and as_signed.attributes["SmallestImagePixelValue"] == "-1"
+
+
+def test_a_changed_private_creator_is_read_in_full() -> None:
+    """In an implicit VR data set a private element's VR comes from its creator's
+    dictionary: under another creator of the same length the same bytes are unknown (UN,
+    not indexed), not the last head's LO."""
+    ours = _implicit_file(private=True)
+    other = ours.replace(b"GEMS_IDEN_01", b"XEMS_IDEN_01")
+    header_scan._SAME_LAYOUT.layout = None
+    assert not _same_as_full_scan(ours, "GEMS")
+    assert not _same_as_full_scan(other, "another creator")
+    read, unknown = scan(ours), scan(other)
+    assert read is not None and unknown is not None
+    assert read.attributes["(0009,1001)"] == "FULL" and "(0009,1001)" not in unknown.attributes

@@ -140,14 +140,36 @@ def test_writeback_hands_over_whole_pages_before_the_bytes_still_coming(
         data = rng.randbytes(piece)
         incoming.write(data)
         written += data
+    during = list(handed)
+    incoming.complete()
     incoming.seal()
     assert incoming.path.read_bytes() == written
-    assert handed, "a long instance hands pages over before its end"
+    assert during, "a long instance hands pages over before its end"
     position = 0
-    for offset, length, in_file in handed:
+    for offset, length, in_file in during:
         assert offset == position and length > 0
         assert offset % mmap.PAGESIZE == 0 and length % mmap.PAGESIZE == 0
         assert offset + length <= in_file  # only bytes already written: no partial page
         position = offset + length
     assert position <= before_last  # nothing of the last fragment
     assert before_last - position < store.WRITEBACK_BYTES + mmap.PAGESIZE
+    # Once all is in, the rest in one hand-over, the last partial page with it.
+    assert handed[len(during):] == [(position, len(written) - position, len(written))]
+
+
+def test_a_short_instance_is_handed_over_whole_at_seal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shorter than the head, it is written at seal (where a write error is answered)."""
+    from triage_node.spool import store
+
+    handed: list[tuple[int, int]] = []
+    monkeypatch.setattr(store, "_start_writeback",
+                        lambda fd, offset, length, flags: handed.append((offset, length)))
+    incoming = IncomingFile(tmp_path)
+    incoming.write(b"x" * 1000)
+    incoming.ending()
+    incoming.write(b"y" * 24)
+    incoming.complete()
+    assert handed == [] and incoming.path.stat().st_size == 0
+    incoming.seal()
+    assert incoming.path.read_bytes() == b"x" * 1000 + b"y" * 24

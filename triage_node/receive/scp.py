@@ -609,6 +609,8 @@ class _Association:
         self._stream(rest, incoming)
         self.stats.bytes += size
         if last:
+            if incoming is not None:
+                incoming.complete()
             self._message = None
             self._complete(message)
 

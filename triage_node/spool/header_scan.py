@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 from pydicom.datadict import (
     dictionary_has_tag,
@@ -243,26 +246,30 @@ def _skip_sequence(data: Received, pos: int, end: int, implicit: bool, depth: in
                 raise _Skip
 
 
-def _meta(data: Received, end: int) -> tuple[str, int]:
+def _meta(data: Received, end: int, regions: _Regions | None = None) -> tuple[str, int]:
     """(Transfer Syntax UID, offset of the data set) from a Part 10 file meta."""
     if end < 132 or data[128:132] != b"DICM":
         raise _Skip
     pos, syntax = 132, None
+    if regions is not None:
+        regions.add(0, 128, None)  # the preamble: never read
     while pos + 8 <= end and data[pos:pos + 2] == b"\x02\x00":
         tag, vr, length, at = _element_header(data, pos, end, False)
         if vr is None or length == _UNDEFINED or at + length > end:
             raise _Skip
         if tag == 0x00020010:
             syntax = bytes(data[at:at + length]).decode("ascii").strip(" \x00")
+        elif regions is not None and length:
+            regions.add(at, at + length, None)  # read past: only the transfer syntax counts
         pos = at + length
     if syntax not in _FAST_SYNTAXES:
         raise _Skip
     return syntax, pos
 
 
-def _scan(data: Received) -> ScannedHeader:
+def _scan(data: Received, regions: _Regions | None = None) -> ScannedHeader:
     end = len(data)
-    syntax, pos = _meta(data, end)
+    syntax, pos = _meta(data, end, regions)
     implicit = syntax == ImplicitVRLittleEndian
     if implicit and pos + 6 <= end and bytes(data[pos + 4:pos + 6]).isupper() \
             and bytes(data[pos + 4:pos + 6]).decode("ascii") in _KNOWN_VRS:
@@ -314,7 +321,12 @@ def _scan(data: Received) -> ScannedHeader:
         if vr == "UN" and not implicit:
             raise _Skip  # pydicom converts it by the dictionary: let it
         if vr in BINARY_VRS or tag >> 16 == 0x7FE0:
+            if regions is not None and length:
+                regions.add(at, pos, None)  # skipped unread
             continue
+        if regions is not None and length and tag != 0x00080005 and tag != 0x00280103 \
+                and not (implicit and tag >> 16 & 1 and 0x10 <= tag & 0xFFFF <= 0xFF):
+            regions.add(at, pos, (tag, vr))  # converted: its bytes alone make its value
         if tag == 0x00080005:
             name = bytes(data[at:pos]).decode("ascii", "replace").strip(" \x00")
             if name not in FAST_CHARSETS:
@@ -334,16 +346,9 @@ def _scan(data: Received) -> ScannedHeader:
             if not length:
                 continue
             value = bytes(data[at:at + length])
-            key = (tag, vr, encoding, value)
-            remembered = converted_values.get(key)
+            remembered = converted_values.get((tag, vr, encoding, value))
             if remembered is None:
-                remembered = (attribute_key(tag),
-                              raw_text(value, vr, encoding) if vr in TEXT_VRS
-                              else raw_tags(value) if vr == "AT" else raw_numbers(value, vr))
-                if length <= _CACHED_VALUE_BYTES:
-                    if len(converted_values) >= _CACHED_VALUES:
-                        converted_values.clear()
-                    converted_values[key] = remembered
+                remembered = _convert(tag, vr, encoding, value)
             keyword, converted = remembered
             if converted is not None:
                 # A list is copied: the remembered one must not change with the caller's.
@@ -351,11 +356,146 @@ def _scan(data: Received) -> ScannedHeader:
                                        else list(converted))
     except (UnicodeDecodeError, ValueError, struct.error):
         raise _Skip from None
+    _check_geometry(attributes)
+    if regions is not None:
+        regions.encoding = encoding
+    return ScannedHeader(syntax, implicit, attributes, pos if pos < end else end)
+
+
+def _convert(tag: int, vr: str, encoding: str, value: bytes
+             ) -> tuple[str, str | list[str] | None]:
+    """An element's index key and value converted as pydicom would (raises ValueError,
+    UnicodeDecodeError or struct.error where the fast path cannot), remembered when short."""
+    remembered = (attribute_key(tag),
+                  raw_text(value, vr, encoding) if vr in TEXT_VRS
+                  else raw_tags(value) if vr == "AT" else raw_numbers(value, vr))
+    if len(value) <= _CACHED_VALUE_BYTES:
+        if len(_CONVERTED) >= _CACHED_VALUES:
+            _CONVERTED.clear()
+        _CONVERTED[(tag, vr, encoding, value)] = remembered
+    return remembered
+
+
+def _check_geometry(attributes: dict[str, str | list[str]]) -> None:
     for keyword in _GEOMETRY:  # the checks convert these; pydicom's IS/US rules differ at edges
         number = attributes.get(keyword)
         if number is not None and not (isinstance(number, str) and number.isdigit()):
             raise _Skip
-    return ScannedHeader(syntax, implicit, attributes, pos if pos < end else end)
+
+
+class _Regions:
+    """Where the bytes read by a scan may change without changing how the rest is read: the
+    values of elements read past unread, and of elements converted by their bytes alone (with
+    the tag and VR to convert them again). Everything else (element headers, the transfer
+    syntax, Specific Character Set, Pixel Representation, private creators, the items of
+    undefined-length sequences) decides the walk itself."""
+
+    __slots__ = ("elements", "encoding", "ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.elements: list[tuple[int, str] | None] = []
+        self.encoding = "ascii"
+        """The text encoding the scan settled on (Specific Character Set)."""
+
+    def add(self, start: int, end: int, element: tuple[int, str] | None) -> None:
+        self.starts.append(start)
+        self.ends.append(end)
+        self.elements.append(element)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A head scanned in full, for reading the next head of the same association."""
+
+    header: ScannedHeader
+    """Its header, with a copy of the attributes of its own."""
+    prefix: bytes
+    """The head up to its pixel data element's tag, included."""
+    regions: _Regions
+
+
+_NONZERO = re.compile(rb"[^\x00]+").finditer
+_SAME_LAYOUT = threading.local()
+"""The last head each association thread scanned in full (:func:`scan_next`)."""
+
+
+def scan_next(data: bytes) -> ScannedHeader | None:
+    """:func:`scan` for the heads of instances arriving one after another on an association.
+
+    The instances of a series mostly differ in a few values (the SOP Instance UID, Instance
+    Number, position). When the bytes of this head differ from the last one this thread
+    scanned in full only inside such values, the header is that one's with those values
+    converted again, which is what a full scan gives; a difference anywhere else (an element
+    header, a length, the character set, a sequence) scans in full. Only heads whose scan
+    stopped at the pixel data are remembered, and only bytes are compared, never meaning.
+    """
+    layout: _Layout | None = getattr(_SAME_LAYOUT, "layout", None)
+    if layout is not None:
+        try:
+            header = _scan_like(data, layout)
+        except (_Skip, struct.error, UnicodeDecodeError, ValueError, IndexError):
+            return None  # a changed value the fast path cannot convert: a full scan cannot
+        if header is not None:
+            return header
+    regions = _Regions()
+    try:
+        header = _scan(data, regions)
+    except (_Skip, struct.error, UnicodeDecodeError, ValueError, IndexError):
+        _SAME_LAYOUT.layout = None
+        return None
+    stop = header.stop_offset
+    _SAME_LAYOUT.layout = (
+        _Layout(ScannedHeader(header.transfer_syntax, header.implicit_vr,
+                              _copied(header.attributes), stop),
+                bytes(data[:stop + 4]), regions)
+        if stop + 4 <= len(data) else None)
+    return header
+
+
+def _copied(attributes: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+    return {key: value if value.__class__ is str else list(value)
+            for key, value in attributes.items()}
+
+
+def _scan_like(data: bytes, layout: _Layout) -> ScannedHeader | None:
+    """The header of ``data`` read through ``layout``, or None: it must be scanned in full."""
+    prefix = layout.prefix
+    size = len(prefix)
+    if len(data) < size:
+        return None
+    head = data[:size]
+    previous = layout.header
+    changed: list[int] = []
+    if head != prefix:
+        regions = layout.regions
+        starts, ends, elements = regions.starts, regions.ends, regions.elements
+        difference = (int.from_bytes(head, "little")
+                      ^ int.from_bytes(prefix, "little")).to_bytes(size, "little")
+        for run in _NONZERO(difference):
+            first, last = run.span()
+            i = bisect_right(starts, first) - 1
+            if i < 0 or last > ends[i]:
+                return None  # outside a value that may change
+            if elements[i] is not None and (not changed or changed[-1] != i):
+                changed.append(i)
+    attributes = _copied(previous.attributes)
+    encoding = layout.regions.encoding
+    for i in changed:
+        tag, vr = cast("tuple[int, str]", layout.regions.elements[i])
+        value = head[layout.regions.starts[i]:layout.regions.ends[i]]
+        remembered = _CONVERTED.get((tag, vr, encoding, value))
+        if remembered is None:
+            remembered = _convert(tag, vr, encoding, value)
+        keyword, converted = remembered
+        if (converted is None) != (keyword not in attributes):
+            return None  # a value appears or disappears: keep the full scan's order
+        if converted is not None:
+            attributes[keyword] = converted if converted.__class__ is str else list(converted)
+    _check_geometry(attributes)
+    return ScannedHeader(previous.transfer_syntax, previous.implicit_vr, attributes,
+                         previous.stop_offset)
 
 
 def scan(data: Received) -> ScannedHeader | None:

@@ -47,6 +47,7 @@ from triage_node.spool.header_scan import (
     raw_numbers,
     raw_text,
     scan,
+    scan_next,
 )
 from triage_node.spool.store import Spool, SpooledFile, sha256_of
 from triage_node.state.db import Database
@@ -182,7 +183,9 @@ def scan_head(head: bytes | bytearray) -> ScannedHeader | None:
     pixel data (a longer header, or an instance without pixels) gives None, and the header is
     read from the whole file once it is in.
     """
-    scanned = scan(bytes(head))  # one copy; slices of bytes are then bytes, not copies
+    # One copy; slices of bytes are then bytes, not copies. The heads of an association's
+    # instances are read through the last one's layout when only values differ (scan_next).
+    scanned = scan_next(bytes(head))
     if scanned is None or scanned.stop_offset >= len(head):
         return None
     return scanned
