@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from triage_node.receive.scp import _READ_CHUNK, _Association, _Closed
+from triage_node.spool import store
 from triage_node.spool.store import HEAD_BYTES, IncomingFile
 
 
@@ -116,10 +117,8 @@ def test_writeback_hands_over_whole_pages_before_the_bytes_still_coming(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pieces: list[int],
         last_fragment: list[int]) -> None:
     """Early writeback (sync_file_range) takes only whole pages written before the next
-    write, in order and without gaps or overlaps, and stops once the last fragment arrives:
-    the fdatasync writes that tail, the partial page included, in one request."""
-    from triage_node.spool import store
-
+    write, in order and without gaps or overlaps, and none while the last fragment arrives;
+    once the last byte is in, the rest goes in one hand-over, the partial page included."""
     handed: list[tuple[int, int, int]] = []  # (offset, length, bytes in the file then)
     incoming = IncomingFile(tmp_path)
 
@@ -130,16 +129,10 @@ def test_writeback_hands_over_whole_pages_before_the_bytes_still_coming(
     monkeypatch.setattr(store, "_start_writeback", start_writeback)
     rng = random.Random(len(pieces))
     written = bytearray()
-    for piece in pieces:
-        data = rng.randbytes(piece)
-        incoming.write(data)
-        written += data
+    _write_pieces(incoming, pieces, rng, written)
     before_last = len(written)
     incoming.ending()
-    for piece in last_fragment:
-        data = rng.randbytes(piece)
-        incoming.write(data)
-        written += data
+    _write_pieces(incoming, last_fragment, rng, written)
     during = list(handed)
     incoming.complete()
     incoming.seal()
@@ -160,8 +153,6 @@ def test_writeback_hands_over_whole_pages_before_the_bytes_still_coming(
 def test_a_short_instance_is_handed_over_whole_at_seal(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shorter than the head, it is written at seal (where a write error is answered)."""
-    from triage_node.spool import store
-
     handed: list[tuple[int, int]] = []
     monkeypatch.setattr(store, "_start_writeback",
                         lambda fd, offset, length, flags: handed.append((offset, length)))
@@ -173,3 +164,12 @@ def test_a_short_instance_is_handed_over_whole_at_seal(
     assert handed == [] and incoming.path.stat().st_size == 0
     incoming.seal()
     assert incoming.path.read_bytes() == b"x" * 1000 + b"y" * 24
+
+
+def _write_pieces(incoming: IncomingFile, pieces: list[int], rng: random.Random,
+                  written: bytearray) -> None:
+    """Write random pieces of these sizes, keeping what was written in ``written``."""
+    for piece in pieces:
+        data = rng.randbytes(piece)
+        incoming.write(data)
+        written += data
