@@ -145,10 +145,16 @@ class IncomingFile:
         assert self._fd is not None, "complete after seal"
         # An instance shorter than the head is written whole at seal (its write errors are
         # answered there, as a failure status): nothing to hand over before.
-        if self._head_in_file and self.size > self._handed and _start_writeback is not None:
-            _start_writeback(self._fd, self._handed, self.size - self._handed,
+        if self._head_in_file and self.size > self._handed:
+            self._hand_over(self.size)
+
+    def _hand_over(self, end: int) -> None:
+        """Start writing the bytes from the last hand-over to ``end`` to the disk."""
+        assert self._fd is not None
+        if _start_writeback is not None:
+            _start_writeback(self._fd, self._handed, end - self._handed,
                              _SYNC_FILE_RANGE_WRITE)
-            self._handed = self.size
+            self._handed = end
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after seal"
@@ -174,14 +180,10 @@ class IncomingFile:
     def _write_out(self, view: memoryview) -> None:
         assert self._fd is not None
         before = self.size - len(view)
-        if (before - self._handed >= WRITEBACK_BYTES and not self._ending
-                and _start_writeback is not None):
+        if before - self._handed >= WRITEBACK_BYTES and not self._ending:
             # More is arriving: start writing the whole pages before it to the disk now, so
             # that the fdatasync before Success waits only for the tail and the metadata.
-            whole = before - before % _PAGE
-            _start_writeback(self._fd, self._handed, whole - self._handed,
-                             _SYNC_FILE_RANGE_WRITE)
-            self._handed = whole
+            self._hand_over(before - before % _PAGE)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
@@ -251,8 +253,6 @@ class Spool:
         (root / "quarantine").mkdir(parents=True, exist_ok=True)
         self.incoming_dir = root / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
-        self._root = os.fspath(root)
-        self._incoming = os.fspath(self.incoming_dir)
         self._receiving = False
 
     UNINDEXED = "UNINDEXED"
@@ -284,7 +284,7 @@ class Spool:
 
     def incoming(self) -> IncomingFile:
         self._receiving = True
-        return IncomingFile(self._incoming)
+        return IncomingFile(self.incoming_dir)
 
     def _relative(self, study_key: str, sop_instance_uid: str, suffix: str) -> str:
         name_hash = hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest()
@@ -306,7 +306,7 @@ class Spool:
         it is complete (the sender re-sends it; the copy is recognised).
         """
         relative = self._relative(study_key, sop_instance_uid, "r" + secrets.token_hex(8))
-        path = f"{self._root}/{relative}"
+        path = f"{self.root}/{relative}"
         folder = os.path.dirname(path)
         new_folder = False
         try:
