@@ -26,7 +26,6 @@ import threading
 from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
 
 from pydicom.datadict import (
     dictionary_has_tag,
@@ -466,10 +465,9 @@ def _scan_like(data: bytes, layout: _Layout) -> ScannedHeader | None:
     if len(data) < size:
         return None
     head = data[:size]
-    previous = layout.header
-    changed: list[int] = []
+    previous, regions = layout.header, layout.regions
+    changed: list[tuple[int, str, int, int]] = []  # tag, VR, start and end of each value
     if head != prefix:
-        regions = layout.regions
         starts, ends, elements = regions.starts, regions.ends, regions.elements
         difference = (int.from_bytes(head, "little")
                       ^ int.from_bytes(prefix, "little")).to_bytes(size, "little")
@@ -478,13 +476,13 @@ def _scan_like(data: bytes, layout: _Layout) -> ScannedHeader | None:
             i = bisect_right(starts, first) - 1
             if i < 0 or last > ends[i]:
                 return None  # outside a value that may change
-            if elements[i] is not None and (not changed or changed[-1] != i):
-                changed.append(i)
+            element = elements[i]
+            if element is not None and (not changed or changed[-1][2] != starts[i]):
+                changed.append((*element, starts[i], ends[i]))
     attributes = _copied(previous.attributes)
-    encoding = layout.regions.encoding
-    for i in changed:
-        tag, vr = cast("tuple[int, str]", layout.regions.elements[i])
-        value = head[layout.regions.starts[i]:layout.regions.ends[i]]
+    encoding = regions.encoding
+    for tag, vr, start, end in changed:
+        value = head[start:end]
         remembered = _CONVERTED.get((tag, vr, encoding, value))
         if remembered is None:
             remembered = _convert(tag, vr, encoding, value)
