@@ -660,12 +660,14 @@ class InstanceIndex:
         receiving = study_uid in tx.studies  # an earlier record of this transaction saw it
         row = None if receiving else tx.execute(
             "SELECT status FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        attrs_json: str | None = None  # the instance's attributes as a new row keeps them
         if row is None and not receiving:
+            attrs_json = json.dumps(header.attributes)
             tx.execute(
                 "INSERT INTO studies (study_uid, study_key, status, attrs_json, calling_ae,"
                 " called_ae, source_host, first_received, last_received, receiving_since)"
                 " VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?, ?)",
-                (study_uid, study_key, json.dumps(header.attributes),
+                (study_uid, study_key, attrs_json,
                  source.calling_ae, source.called_ae, source.host, now, now, now),
             )
         existing = tx.execute(
@@ -687,7 +689,8 @@ class InstanceIndex:
             found = tx.execute("SELECT attrs_json FROM series WHERE series_uid = ?",
                                (series_uid,)).fetchone()
             if found is None:  # the series' first instance
-                series_json = json.dumps(header.attributes)
+                series_json = (json.dumps(header.attributes) if attrs_json is None
+                               else attrs_json)
                 tx.execute(
                     "INSERT INTO series (series_uid, study_uid, series_key, modality,"
                     " attrs_json, first_received, last_received, expected_instances)"
