@@ -7,11 +7,13 @@ Layout under the spool root::
     quarantine/<timestamp>-<sha256[:16]>.dcm  +  .reason.json beside it
     incoming/<pid>-<thread>-<ns>.part           instances still arriving (C-STORE streams here)
 
-File names carry hashes or random tokens, never UIDs. Each write goes to a temporary file in
-the same folder, is fsynced, renamed into place, and the folder is fsynced, so after a crash a
-file is either complete or absent (PS3.4 B.2.2 Success means the SCP has taken responsibility
-for the data). A C-STORE file is named with a random token: its content is hashed only when
-that matters (:func:`triage_node.spool.index.compare_with_known`), not for every instance.
+File names carry hashes or random tokens, never UIDs. Each write goes to a temporary file, is
+renamed into place and made durable with its name (the file fsynced, and its folder too where
+the file's fsync does not cover the new name: :data:`_FILE_FSYNC_KEEPS_NEW_NAME`), so after a
+crash a file is either complete or absent (PS3.4 B.2.2 Success means the SCP has taken
+responsibility for the data). A C-STORE file is named with a random token: its content is
+hashed only when that matters (:func:`triage_node.spool.index.compare_with_known`), not for
+every instance.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import secrets
 import sys
 import threading
@@ -53,7 +56,7 @@ def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
     """Linux's ``sync_file_range(2)`` from the C library, or None elsewhere.
 
     It only starts writeback (no wait, no metadata, no durability of its own): the
-    ``fdatasync`` before Success is still what makes the bytes durable. Called through ctypes,
+    flush before Success is still what makes the bytes durable. Called through ctypes,
     which releases the interpreter lock for the call.
     """
     if not sys.platform.startswith("linux"):
@@ -76,6 +79,50 @@ def _fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_FILE_FSYNC_KEEPS_NEW_NAME = frozenset({"ext4"})
+"""File systems on which ``fsync`` of a file that was just renamed to a new name also makes
+that name durable, so that the folder needs no ``fsync`` of its own:
+
+- ext4 with a journal: the rename changes the file's inode (its ctime) in the rename's
+  transaction, and a file's ``fsync`` (unlike ``fdatasync``) commits up to the last
+  transaction that changed its inode;
+- ext4 without a journal: a rename to a new name marks the file as a new entry of its folder
+  (``EXT4_STATE_NEWENTRY``), and the file's ``fsync`` then writes that folder's blocks and
+  inode (``ext4_sync_parent``) before its one cache flush.
+
+``tests/integration/test_spool_durability.py`` checks both on loop-mounted ext4 images by
+copying the device as a power cut would leave it, right after Success. Any other file system
+(xfs, btrfs, overlay, NFS, tmpfs...) keeps the folder ``fsync``."""
+
+
+def _mount_fstype(path: str | Path, mountinfo: str | Path = "/proc/self/mountinfo") -> str:
+    """The type of the file system ``path`` is on, read from ``mountinfo``; ``""`` when that
+    cannot be read."""
+    real = os.path.realpath(path)
+    found, found_at = "", ""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                left, _, right = line.partition(" - ")
+                fields, kind = left.split(), right.split()
+                if len(fields) < 5 or not kind:
+                    continue
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                # The deepest mount point holding the path; of stacked ones, the last mounted.
+                if inside and len(point) >= len(found_at):
+                    found, found_at = kind[0], point
+    except OSError:
+        return ""
+    return found
+
+
+def file_fsync_keeps_new_name(path: str | Path) -> bool:
+    """True when the file system of ``path`` makes a renamed file's new name durable with the
+    file's own ``fsync`` (:data:`_FILE_FSYNC_KEEPS_NEW_NAME`)."""
+    return _mount_fstype(path) in _FILE_FSYNC_KEEPS_NEW_NAME
 
 
 def _create_part(folder: str) -> tuple[str, int]:
@@ -113,8 +160,8 @@ class IncomingFile:
 
     Nothing is held in memory but the bytes of the current network read and the first
     :data:`HEAD_BYTES` of the file (:attr:`head`, where the header is), whatever the size of
-    the instance. :meth:`seal` makes the bytes durable (``fdatasync``); the spool then either
-    adopts the file (rename into the study folder) or quarantines it. A file that is never
+    the instance. The spool then either adopts the file (rename into the study folder) or
+    quarantines it, and :meth:`seal` makes the bytes durable. A file that is never
     sealed (the association was aborted) is removed by :meth:`discard`, and any left by a
     crash are removed when the spool opens: the sender was not told Success for them.
     """
@@ -182,7 +229,7 @@ class IncomingFile:
         before = self.size - len(view)
         if before - self._handed >= WRITEBACK_BYTES and not self._ending:
             # More is arriving: start writing the whole pages before it to the disk now, so
-            # that the fdatasync before Success waits only for the tail and the metadata.
+            # that the flush before Success waits only for the tail and the metadata.
             self._hand_over(before - before % _PAGE)
         while view:
             written = os.write(self._fd, view)
@@ -205,18 +252,23 @@ class IncomingFile:
         self._write_head()
         return mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
 
-    def seal(self) -> None:
-        """Flush the bytes to disk and close."""
+    def seal(self, *, with_inode: bool = False) -> None:
+        """Flush the bytes to disk and close. ``with_inode``: ``fsync`` rather than
+        ``fdatasync``, which also writes what changed in the inode alone (its ctime, after a
+        rename: see :data:`_FILE_FSYNC_KEEPS_NEW_NAME`)."""
         assert self._fd is not None, "sealed twice"
         try:
             self._write_head()
-            os.fdatasync(self._fd)
+            if with_inode:
+                os.fsync(self._fd)
+            else:
+                os.fdatasync(self._fd)
         finally:
             os.close(self._fd)
             self._fd = None
 
     def move(self, path: str | Path) -> None:
-        """Rename the (open) file; the caller seals it and fsyncs the folders after."""
+        """Rename the (open) file; the caller seals it, and fsyncs the folder where needed."""
         os.replace(self._path, path)
         self._path = os.fspath(path)
 
@@ -254,6 +306,10 @@ class Spool:
         self.incoming_dir = root / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._receiving = False
+        self.file_fsync_keeps_name = file_fsync_keeps_new_name(root)
+        """Whether :meth:`adopt` can leave out the study folder's ``fsync`` (one cache flush of
+        the disk per instance), read once: the spool's file system does not change under a
+        running node."""
 
     UNINDEXED = "UNINDEXED"
     """A marker file in the spool root: an acknowledged instance's index row could not be
@@ -298,12 +354,14 @@ class Spool:
         their bytes need not be hashed at all. ``sha256`` is the content's hash when the
         caller computed it (an instance whose UID the index already had), else empty.
 
-        The rename comes first and the flush after: on ext4 (and any journalling file system
-        that orders data before metadata) the one ``fdatasync`` then commits the data, the
-        new name and the folder entry together, and the folder fsyncs that follow find
-        nothing left to write — one journal commit per instance instead of two. A crash
-        before the flush leaves a file that was never acknowledged; recovery indexes it when
-        it is complete (the sender re-sends it; the copy is recognised).
+        The rename comes first and the flush after, so that one flush can make both the
+        bytes and the new name durable. On ext4 the file's ``fsync`` does
+        (:data:`_FILE_FSYNC_KEEPS_NEW_NAME`), and that is the only flush of the disk's cache
+        for an instance going to an existing study folder; on other file systems the file's
+        ``fdatasync`` is followed by the folder's ``fsync``. A new study folder is fsynced
+        with its parent either way. A crash before the flush leaves a file that was never
+        acknowledged; recovery indexes it when it is complete (the sender re-sends it; the
+        copy is recognised).
         """
         relative = self._relative(study_key, sop_instance_uid, "r" + secrets.token_hex(8))
         path = f"{self.root}/{relative}"
@@ -315,10 +373,12 @@ class Spool:
             os.makedirs(folder, exist_ok=True)
             new_folder = True
             incoming.move(path)
-        incoming.seal()
-        _fsync_dir(folder)
+        incoming.seal(with_inode=self.file_fsync_keeps_name)
         if new_folder:
+            _fsync_dir(folder)
             _fsync_dir(os.path.dirname(folder))
+        elif not self.file_fsync_keeps_name:
+            _fsync_dir(folder)
         return SpooledFile(relative, sha256, incoming.size, already_present=False)
 
     def content_sha256(self, relative: str) -> str:
