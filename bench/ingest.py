@@ -50,13 +50,13 @@ import numpy as np
 
 from deploy.demo.node import NodeProcess, write_node_config
 from deploy.demo.orthanc import LocalOrthanc, free_port
-from deploy.demo.senders import dcmtk
+from deploy.demo.senders import dcmtk, dcmtk_env
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import default_receiver_processes
 from triage_node.spool.index import read_header, read_header_with_pydicom
 from triage_node.spool.store import file_fsync_keeps_new_name
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+ENV = dcmtk_env()
 
 
 def make_study(folder: Path, instances: int, seed: int) -> list[Path]:

@@ -8,7 +8,6 @@ temporary folder, HTTP authentication with a generated password, DICOMweb enable
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from deploy.demo.process import kill_process, stop_process
+from deploy.demo.senders import dcmtk_env
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -86,7 +86,7 @@ class LocalOrthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
         log = (self.workdir / "orthanc.log").open("wb")
-        env = {**os.environ, "TCP_NODELAY": "1"}
+        env = dcmtk_env()
         self._proc = subprocess.Popen([ORTHANC_BIN, str(config)], stdout=log,
                                       stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

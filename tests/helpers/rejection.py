@@ -8,10 +8,9 @@ what it held.
 
 from __future__ import annotations
 
-import os
 import subprocess
 
-from deploy.demo.senders import dcmtk
+from deploy.demo.senders import dcmtk, dcmtk_env
 
 
 def rejection(port: int, calling: str, called: str = "TRIAGE") -> str:
@@ -20,7 +19,7 @@ def rejection(port: int, calling: str, called: str = "TRIAGE") -> str:
     run = subprocess.run(
         [dcmtk("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
         capture_output=True, text=True, timeout=60, check=False,
-        env={**os.environ, "TCP_NODELAY": "1"})
+        env=dcmtk_env())
     report = run.stdout + run.stderr
     if run.returncode == 0 or "Association Rejected" not in report:
         return ""

@@ -7,7 +7,6 @@ sees: delivered, pending with a retry, or dead with the reason.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -27,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from deploy.demo.orthanc import LocalOrthanc, free_port
-from deploy.demo.senders import dcmtk
+from deploy.demo.senders import dcmtk, dcmtk_env
 from tests.helpers.dicom_results import (
     algorithm_info,
     blob_mask,
@@ -135,7 +134,7 @@ def storescp(tmp_path: Path) -> Iterator[Any]:
             proc = subprocess.Popen(
                 [dcmtk("storescp"), "-v", "-aet", "ARCHIVE", "-od", str(folder), *options,
                  str(port)],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
+                stdout=out, stderr=subprocess.STDOUT, env=dcmtk_env())
         started.append(proc)
         _wait_port(port, proc)
         return StoreSCP(port, folder, log, proc)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from deploy.demo.orthanc import free_port
-from deploy.demo.senders import dcmtk
+from deploy.demo.senders import dcmtk, dcmtk_env
 from tests.helpers.rejection import rejection
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import DicomConfig, TrustedCaller
@@ -135,7 +134,7 @@ def test_storescu_sends_a_folder(receiver: DicomReceiver, tmp_path: Path) -> Non
     out = subprocess.run(
         [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "TRIAGE", "+sd", "127.0.0.1",
          str(receiver.port), str(folder)],
-        capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60)
     assert out.returncode == 0, out.stderr
     assert receiver.ingestor.counters["stored"] == 2
 

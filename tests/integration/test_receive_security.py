@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from deploy.demo.orthanc import free_port
-from deploy.demo.senders import dcmtk
+from deploy.demo.senders import dcmtk, dcmtk_env
 from tests.helpers.pki import make_pki
 from tests.helpers.rejection import rejection
 from triage_node.config.models import DicomConfig, NodeConfig, TlsConfig, TrustedCaller
@@ -30,7 +30,7 @@ from triage_node.state.db import Database
 from triage_node.state.keys import KeyMaker
 
 pytestmark = pytest.mark.integration
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+ENV = dcmtk_env()
 CT = Path(str(get_testdata_file("CT_small.dcm", download=False)))
 
 

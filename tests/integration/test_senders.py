@@ -18,7 +18,6 @@ decoded volume must match the uncompressed original (exactly, or closely for los
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import threading
@@ -37,7 +36,7 @@ from pynetdicom import AE
 
 from deploy.demo.node import SETTLED, NodeProcess, write_node_config
 from deploy.demo.orthanc import LocalOrthanc
-from deploy.demo.senders import storescu
+from deploy.demo.senders import dcmtk_env, storescu
 from deploy.demo.studies import make_study
 from triage_node.imaging.loader import load_series
 
@@ -47,7 +46,7 @@ GRID = (16, 64, 64)  # the hemorrhage detector takes series of at least 16 slice
 SPACING = (4.0, 3.5, 3.5)
 SCU_AET = "PYSCU"
 HTJ2K_DIR = Path(__file__).resolve().parents[1] / "data" / "htj2k"
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DCMTK_ENV = dcmtk_env()
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 STORESCU_PROFILE = """\
