@@ -355,7 +355,7 @@ def _scan(data: Received, regions: _Regions | None = None) -> ScannedHeader:
                                        else list(converted))
     except (UnicodeDecodeError, ValueError, struct.error):
         raise _Skip from None
-    _check_geometry(attributes)
+    _require_plain_geometry(attributes)
     if regions is not None:
         regions.encoding = encoding
     return ScannedHeader(syntax, implicit, attributes, pos if pos < end else end)
@@ -375,7 +375,8 @@ def _convert(tag: int, vr: str, encoding: str, value: bytes
     return remembered
 
 
-def _check_geometry(attributes: dict[str, str | list[str]]) -> None:
+def _require_plain_geometry(attributes: dict[str, str | list[str]]) -> None:
+    """Leave to pydicom (``_Skip``) a header whose geometry values are not plain digits."""
     for keyword in _GEOMETRY:  # the checks convert these; pydicom's IS/US rules differ at edges
         number = attributes.get(keyword)
         if number is not None and not (isinstance(number, str) and number.isdigit()):
@@ -491,7 +492,7 @@ def _scan_like(data: bytes, layout: _Layout) -> ScannedHeader | None:
             return None  # a value appears or disappears: keep the full scan's order
         if converted is not None:
             attributes[keyword] = converted if converted.__class__ is str else list(converted)
-    _check_geometry(attributes)
+    _require_plain_geometry(attributes)
     return ScannedHeader(previous.transfer_syntax, previous.implicit_vr, attributes,
                          previous.stop_offset)
 
