@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEBS   := orthanc orthanc-dicomweb dcmtk dicom3tools chromium e2fsprogs
+DEBS   := orthanc orthanc-dicomweb dcmtk dicom3tools chromium e2fsprogs xfsprogs
 STAMP  := $(VENV)/.installed
 
 .PHONY: help install debs venv demo test test-gpu lint typecheck unit integration bench clean engines engine-ct-head-hemorrhage engine-cxr-pneumothorax engine-ct-chest-nodule engine-mr-brain-tumor engine-mg-mass

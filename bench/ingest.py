@@ -20,9 +20,10 @@ medians over the repeats of the ratio within each repeat (receivers take turns, 
 compared are seconds apart), printed with their range over the repeats.
 
 First it measures what durability costs on this disk: the median flush of a new file
-renamed into its folder, and of the folder where the file system needs that (not ext4), the
-flushes triage-node pays before each Success, and the ceiling they put on one association;
-and what reading each header costs, on the receiver's fast path and with pydicom.
+renamed into its folder, and of the folder where the file system needs that (not ext4 or
+xfs), the flushes triage-node pays before each Success, and the ceiling they put on one
+association; and what reading each header costs, on the receiver's fast path and with
+pydicom.
 
 Then 2,000 instances (4 studies) go to triage-node over 4 associations while its resident
 memory is sampled: the peak (sum over the node's processes) must stay flat, not grow with the
@@ -198,7 +199,7 @@ def flush_costs(folder: Path, count: int = 100) -> tuple[float, float]:
     """Median seconds of the flushes triage-node pays per acknowledged instance on the file
     system of ``folder`` (spool/store.py, Spool.adopt): a new 512 KiB file is renamed into a
     study folder and flushed, with ``fsync`` where that also makes its new name durable
-    (ext4), and otherwise with ``fdatasync`` and then ``fsync`` of the folder. The second
+    (ext4, xfs), and otherwise with ``fdatasync`` and then ``fsync`` of the folder. The second
     figure is 0 where the folder needs no flush of its own."""
     incoming, study = folder / "incoming", folder / "study"
     incoming.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,15 @@
 """What Success promises, checked as a power cut would leave the disk: an acknowledged instance
 is there, whole, under its name.
 
-The spool lives on a loop-mounted ext4 image, with and without a journal. Right after
+The spool lives on a loop-mounted image: ext4 with and without a journal, and xfs. Right after
 :meth:`Spool.adopt` returns (when the receiver sends Success), the image file is copied: the
 copy holds what the loop device was asked to write and nothing still in the page cache, which
-is the disk after a power cut. ``e2fsck`` then does what a reboot would (replays the journal,
-mends counts) and ``debugfs`` reads the files out. On ext4 the file's own ``fsync`` is the
-only flush for an instance going to an existing study folder (``Spool.file_fsync_keeps_name``,
-spool/store.py); these tests are what that rests on.
+is the disk after a power cut. The copy is then mended as at boot (``e2fsck``; xfs replays its
+log when the copy is mounted) and the files are read back. On these file systems the file's
+own ``fsync`` is the only flush for an instance going to an existing study folder
+(``Spool.file_fsync_keeps_name``, spool/store.py); these tests are what that rests on.
 
-Needs root (loop devices, mount) and e2fsprogs (``make install``).
+Needs root (loop devices, mount), e2fsprogs and xfsprogs (``make install``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from triage_node.spool.store import Spool
 
 pytestmark = pytest.mark.integration
 
-_TOOLS = ("mkfs.ext4", "losetup", "mount", "umount", "e2fsck", "debugfs")
+_TOOLS = ("mkfs.ext4", "mkfs.xfs", "losetup", "mount", "umount", "e2fsck", "debugfs")
+_KINDS = ("ext4", "ext4-nojournal", "xfs")
 
 
 def _run(*argv: str) -> str:
@@ -36,42 +37,69 @@ def _run(*argv: str) -> str:
 
 
 class _Disk:
-    """An ext4 image on a loop device, mounted; :meth:`power_cut` copies the device as is."""
+    """A file system image on a loop device, mounted; :meth:`power_cut` copies it as is."""
 
-    def __init__(self, folder: Path, journal: bool) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, kind: str) -> None:
+        self.folder, self.kind = folder, kind
         self.image = folder / "disk.img"
         self.mount_point = folder / "mnt"
         self.mount_point.mkdir()
         with self.image.open("wb") as f:
-            f.truncate(128 << 20)
-        _run("mkfs.ext4", "-q", "-F", *(() if journal else ("-O", "^has_journal")),
-             str(self.image))
+            f.truncate(320 << 20)  # mkfs.xfs wants 300 MB at least
+        if kind == "xfs":
+            _run("mkfs.xfs", "-q", "-f", str(self.image))
+            options: tuple[str, ...] = ()
+        else:
+            _run("mkfs.ext4", "-q", "-F",
+                 *(("-O", "^has_journal") if kind == "ext4-nojournal" else ()), str(self.image))
+            # A journal otherwise commits on its own every 5 s, which could make an unflushed
+            # change durable behind the test's back. (xfs pushes its log every 30 s.)
+            options = ("-o", "commit=300") if kind == "ext4" else ()
         self.device = _run("losetup", "--find", "--show", str(self.image)).strip()
-        # A journal otherwise commits on its own every 5 s, which could make an unflushed
-        # change durable behind the test's back.
-        options = ("-o", "commit=300") if journal else ()
         try:
-            _run("mount", "-t", "ext4", *options, self.device, str(self.mount_point))
+            _run("mount", "-t", kind.split("-")[0], *options, self.device, str(self.mount_point))
         except subprocess.CalledProcessError:
             _run("losetup", "--detach", self.device)
             raise
         self._cuts = 0
 
-    def power_cut(self) -> Callable[[str], bytes | None]:
-        """The device as it is now, mended as at boot; returns a reader of its files."""
+    def power_cut(self, paths: list[str]) -> dict[str, bytes | None]:
+        """The files at ``paths`` (relative to the mount point) on the device as it is now,
+        mended as at boot; None for a file that is not there."""
         self._cuts += 1
         copy = self.folder / f"cut{self._cuts}.img"
         shutil.copyfile(self.image, copy)
+        try:
+            read = self._read_xfs if self.kind == "xfs" else self._read_ext4
+            return read(copy, paths)
+        finally:
+            copy.unlink()
+
+    def _read_ext4(self, copy: Path, paths: list[str]) -> dict[str, bytes | None]:
         check = subprocess.run(["e2fsck", "-fy", str(copy)], capture_output=True, text=True)
         assert check.returncode in (0, 1), f"e2fsck could not mend the image:\n{check.stdout}"
-
-        def read(path: str) -> bytes | None:
-            out = self.folder / "out"
+        found: dict[str, bytes | None] = {}
+        out = self.folder / "out"
+        for path in paths:
             out.unlink(missing_ok=True)
             _run("debugfs", "-R", f"dump /{path} {out}", str(copy))
-            return out.read_bytes() if out.exists() else None
-        return read
+            found[path] = out.read_bytes() if out.exists() else None
+        return found
+
+    def _read_xfs(self, copy: Path, paths: list[str]) -> dict[str, bytes | None]:
+        # Mounting replays the log, as at boot; the copy has the original's UUID (nouuid).
+        mount_point = self.folder / "cut-mnt"
+        mount_point.mkdir(exist_ok=True)
+        device = _run("losetup", "--find", "--show", str(copy)).strip()
+        try:
+            _run("mount", "-t", "xfs", "-o", "nouuid", device, str(mount_point))
+            try:
+                return {path: (mount_point / path).read_bytes()
+                        if (mount_point / path).exists() else None for path in paths}
+            finally:
+                _run("umount", str(mount_point))
+        finally:
+            _run("losetup", "--detach", device)
 
     def close(self) -> None:
         subprocess.run(["umount", str(self.mount_point)], check=False)
@@ -79,18 +107,18 @@ class _Disk:
 
 
 @pytest.fixture
-def disk_factory(tmp_path: Path) -> Iterator[Callable[[bool], _Disk]]:
+def disk_factory(tmp_path: Path) -> Iterator[Callable[[str], _Disk]]:
     if os.geteuid() != 0:
         pytest.skip("loop devices and mount need root")
     for tool in _TOOLS:
         if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed: run `make install` (e2fsprogs, mount)")
+            pytest.fail(f"{tool} is not installed: run `make install` (e2fsprogs, xfsprogs)")
     disks: list[_Disk] = []
 
-    def make(journal: bool) -> _Disk:
+    def make(kind: str) -> _Disk:
         folder = tmp_path / f"disk{len(disks)}"
         folder.mkdir()
-        disks.append(_Disk(folder, journal))
+        disks.append(_Disk(folder, kind))
         return disks[-1]
     yield make
     for disk in disks:
@@ -122,31 +150,29 @@ def _receive(spool: Spool, study_key: str, uid: str, rng: random.Random) -> tupl
     return f"spool/{spooled.relative_path}", data
 
 
-@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+@pytest.mark.parametrize("kind", _KINDS)
 def test_an_acknowledged_instance_survives_a_power_cut(
-        disk_factory: Callable[[bool], _Disk], journal: bool) -> None:
-    disk = disk_factory(journal)
+        disk_factory: Callable[[str], _Disk], kind: str) -> None:
+    disk = disk_factory(kind)
     spool = Spool(disk.mount_point / "spool")
-    assert spool.file_fsync_keeps_name, "ext4: the folder fsync is left out, which is tested here"
+    assert spool.file_fsync_keeps_name, f"{kind}: the folder fsync is left out, tested here"
     os.sync()  # the spool's folders exist, as on a node that has been running
     rng = random.Random(4)
-    first = _receive(spool, "study1", "1.2.3.1", rng)  # a new study folder
-    read = disk.power_cut()
-    assert read(first[0]) == first[1]
-    kept = [first]
+    kept = dict([_receive(spool, "study1", "1.2.3.1", rng)])  # a new study folder
+    assert disk.power_cut(list(kept)) == kept
     for number in range(2, 6):  # into the existing folder: the file's fsync is the only flush
-        kept.append(_receive(spool, "study1", f"1.2.3.{number}", rng))
-        read = disk.power_cut()
-        for path, data in kept:
-            assert read(path) == data, f"acknowledged instance {path} lost"
+        kept.update([_receive(spool, "study1", f"1.2.3.{number}", rng)])
+        found = disk.power_cut(list(kept))
+        lost = [path for path, data in kept.items() if found[path] != data]
+        assert not lost, f"acknowledged instance(s) lost or cut short: {lost}"
 
 
-@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+@pytest.mark.parametrize("kind", _KINDS)
 def test_the_power_cut_loses_a_rename_nobody_flushed(
-        disk_factory: Callable[[bool], _Disk], journal: bool) -> None:
+        disk_factory: Callable[[str], _Disk], kind: str) -> None:
     """The check above can fail: a file written and renamed into a study folder without any
     flush is not on the copied device."""
-    disk = disk_factory(journal)
+    disk = disk_factory(kind)
     folder = disk.mount_point / "spool" / "studies" / "study1"
     folder.mkdir(parents=True)
     (disk.mount_point / "spool" / "incoming").mkdir()
@@ -154,14 +180,14 @@ def test_the_power_cut_loses_a_rename_nobody_flushed(
     part = disk.mount_point / "spool" / "incoming" / "x.part"
     part.write_bytes(random.Random(5).randbytes(524_288))
     os.replace(part, folder / "x.dcm")
-    read = disk.power_cut()
-    assert read("spool/studies/study1/x.dcm") is None
+    path = "spool/studies/study1/x.dcm"
+    assert disk.power_cut([path]) == {path: None}
 
 
 def test_other_file_systems_keep_the_folder_fsync(
-        tmp_path: Path, disk_factory: Callable[[bool], _Disk],
+        tmp_path: Path, disk_factory: Callable[[str], _Disk],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """On tmpfs (any file system but ext4) each adopted file's folder is fsynced; on ext4
+    """On tmpfs (any file system but ext4 and xfs) each adopted file's folder is fsynced; on xfs
     only a new study folder and its parent are."""
     tmpfs = tmp_path / "tmpfs"
     tmpfs.mkdir()
@@ -181,11 +207,11 @@ def test_other_file_systems_keep_the_folder_fsync(
         _receive(on_tmpfs, "study1", "1.2.3.2", rng)
         folder = f"{tmpfs}/spool/studies/study1"
         assert synced == [folder, f"{tmpfs}/spool/studies", folder]
-        on_ext4 = Spool(disk_factory(False).mount_point / "spool")
+        on_xfs = Spool(disk_factory("xfs").mount_point / "spool")
         synced.clear()
-        _receive(on_ext4, "study1", "1.2.3.1", rng)
-        _receive(on_ext4, "study1", "1.2.3.2", rng)
-        assert synced == [f"{on_ext4.root}/studies/study1", f"{on_ext4.root}/studies"]
+        _receive(on_xfs, "study1", "1.2.3.1", rng)
+        _receive(on_xfs, "study1", "1.2.3.2", rng)
+        assert synced == [f"{on_xfs.root}/studies/study1", f"{on_xfs.root}/studies"]
     finally:
         _run("umount", str(tmpfs))
 

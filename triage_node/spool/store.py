@@ -81,7 +81,7 @@ def _fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-_FILE_FSYNC_KEEPS_NEW_NAME = frozenset({"ext4"})
+_FILE_FSYNC_KEEPS_NEW_NAME = frozenset({"ext4", "xfs"})
 """File systems on which ``fsync`` of a file that was just renamed to a new name also makes
 that name durable, so that the folder needs no ``fsync`` of its own:
 
@@ -90,11 +90,13 @@ that name durable, so that the folder needs no ``fsync`` of its own:
   transaction that changed its inode;
 - ext4 without a journal: a rename to a new name marks the file as a new entry of its folder
   (``EXT4_STATE_NEWENTRY``), and the file's ``fsync`` then writes that folder's blocks and
-  inode (``ext4_sync_parent``) before its one cache flush.
+  inode (``ext4_sync_parent``) before its one cache flush;
+- xfs: the rename logs the file's inode (its ctime) with both folders in one transaction,
+  and the file's ``fsync`` forces the log up to the last transaction that logged its inode.
 
-``tests/integration/test_spool_durability.py`` checks both on loop-mounted ext4 images by
+``tests/integration/test_spool_durability.py`` checks all three on loop-mounted images by
 copying the device as a power cut would leave it, right after Success. Any other file system
-(xfs, btrfs, overlay, NFS, tmpfs...) keeps the folder ``fsync``."""
+(btrfs, overlay, NFS, tmpfs...) keeps the folder ``fsync``."""
 
 
 def _mount_fstype(path: str | Path, mountinfo: str | Path = "/proc/self/mountinfo") -> str:
@@ -355,7 +357,7 @@ class Spool:
         caller computed it (an instance whose UID the index already had), else empty.
 
         The rename comes first and the flush after, so that one flush can make both the
-        bytes and the new name durable. On ext4 the file's ``fsync`` does
+        bytes and the new name durable. On ext4 and xfs the file's ``fsync`` does
         (:data:`_FILE_FSYNC_KEEPS_NEW_NAME`), and that is the only flush of the disk's cache
         for an instance going to an existing study folder; on other file systems the file's
         ``fdatasync`` is followed by the folder's ``fsync``. A new study folder is fsynced
