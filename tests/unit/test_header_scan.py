@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
-from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ImplicitVRLittleEndian, generate_uid
 from pydicom.values import convert_value
 
 from trainers.phantoms.dicom import write_ct_series
@@ -273,20 +274,40 @@ def _same_as_full_scan(data: bytes, label: str) -> bool:
     return through_layout
 
 
+def _with_sop_uid(path: Path, uid: str) -> bytes:
+    """The file at ``path`` with ``uid`` as its SOP Instance UID (dataset and file meta)."""
+    ds = dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def test_a_series_read_head_after_head_reads_as_each_head_alone(tmp_path: Path) -> None:
     """The receiver reads an association's heads through the last one's layout when only
     values differ (``scan_next``): for a series as a scanner writes it (new UIDs, instance
     numbers, positions), every head after the first takes that path, and gives exactly what
-    a full scan of it gives."""
+    a full scan of it gives. A UID of another (padded) length moves every element after it:
+    that head, and the next one, are scanned in full."""
     rng = np.random.default_rng(3)
     hu = rng.normal(0, 50, size=(12, 64, 64)).astype(np.float32)
     files = write_ct_series(hu, (1.0, 0.7, 0.7), tmp_path, patient_name="SCAN^NEXT",
                             patient_id="NEXT1", accession_number="ACC2",
                             study_description="CT", series_description="Axial",
                             body_part_examined="CHEST")
+    # generate_uid() gives 62 characters or fewer about once in a hundred, so the UIDs are
+    # set here: all of one padded length, then one shorter.
+    root = "1.2.826.0.1.3680043.8.498."
+    same = [_with_sop_uid(path, f"{root}{10**37 + i}") for i, path in enumerate(files)]
     header_scan._SAME_LAYOUT.layout = None
-    through = [_same_as_full_scan(path.read_bytes()[:HEAD_BYTES], path.name) for path in files]
+    through = [_same_as_full_scan(data[:HEAD_BYTES], f"#{i}") for i, data in enumerate(same)]
     assert through == [False] + [True] * (len(files) - 1)
+
+    shorter = [data if i != 7 else _with_sop_uid(files[i], f"{root}{10**35 + i}")
+               for i, data in enumerate(same)]
+    header_scan._SAME_LAYOUT.layout = None
+    through = [_same_as_full_scan(data[:HEAD_BYTES], f"#{i}") for i, data in enumerate(shorter)]
+    assert through == [False] + [True] * 6 + [False, False] + [True] * (len(files) - 9)
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
