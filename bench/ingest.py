@@ -19,6 +19,13 @@ association request to the last response; the ratios to Orthanc and storescp are
 medians over the repeats of the ratio within each repeat (receivers take turns, so the runs
 compared are seconds apart), printed with their range over the repeats.
 
+Each run starts a fresh receiver (process and output folder). The outputs of earlier runs
+are moved aside and emptied, and deleted only when the bench ends: on ext4 without a journal,
+files deleted in the last minute or so slow the creation of new ones (:func:`set_aside`), and
+the bench's own clean-up would otherwise slow whichever receiver it measures next. For the
+same reason the bench first waits, up to 7 minutes, until creating a file is cheap again
+after whatever ran before it, and prints that cost.
+
 First it measures what durability costs on this disk: the median flush of a new file
 renamed into its folder, and of the folder where the file system needs that (not ext4 or
 xfs), the flushes triage-node pays before each Success, and the ceiling they put on one
@@ -39,6 +46,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -116,35 +124,85 @@ class Receiver:
     pids: Callable[[], list[int]]
 
 
+def set_aside(folder: Path) -> None:
+    """Move a receiver's output out of the way and empty its files; they are deleted when
+    the bench ends.
+
+    Emptied (their pages and blocks freed, what storescp never flushed dropped unwritten, as
+    deleting them did), not deleted: on ext4 without a journal (this machine's disk) a new
+    file does not take an inode freed in the last minute (five while its block is not yet
+    written back), and finding a free one walks past every such inode of the folder's block
+    group, one lookup each. After the 500 files of the last run are deleted, each file the
+    next receiver creates costs 0.1-0.5 ms instead of about 0.02 (``perf``:
+    ``recently_deleted``, ``find_get_block_common``). A PACS forwarding studies does not
+    delete thousands of files a few seconds before each study; the bench's own clean-up
+    should not slow the receiver it measures next.
+    """
+    if not folder.exists():
+        return
+    kept = folder.parent / "set-aside"
+    kept.mkdir(exist_ok=True)
+    moved = kept / f"{folder.name}-{time.monotonic_ns()}"
+    folder.rename(moved)
+    for root, _dirs, names in os.walk(moved):
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.truncate(path, 0)
+
+
+def _wait_for_port(name: str, port: int, proc: subprocess.Popen[bytes] | None,
+                   timeout: float = 30.0) -> None:
+    """Wait until ``proc`` accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"{name} exited before listening on port {port}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout} s")
+
+
 def start_storescp(work: Path) -> Receiver:
     out = work / "storescp-out"
-    out.mkdir(parents=True)
     port = free_port()
-    proc = subprocess.Popen([dcmtk("storescp"), "--fork", "-od", str(out), "-aet", "STORESCP",
-                             "--max-pdu", "131072", str(port)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    state: dict[str, subprocess.Popen[bytes]] = {}
 
-    def reset() -> None:
-        for f in out.iterdir():
-            f.unlink()
+    def start() -> None:
+        out.mkdir(parents=True)
+        state["proc"] = subprocess.Popen(
+            [dcmtk("storescp"), "--fork", "-od", str(out), "-aet", "STORESCP",
+             "--max-pdu", "131072", str(port)],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port("storescp", port, state["proc"])
 
     def stop() -> None:
-        proc.terminate()
-        proc.wait(timeout=10)
+        state["proc"].terminate()
+        state["proc"].wait(timeout=10)
 
+    def reset() -> None:
+        stop()
+        set_aside(out)
+        start()
+
+    start()
     # With --fork each association is a child: count them too (alive, exited or reaped).
     return Receiver("storescp", port, "STORESCP", reset, stop,
-                    lambda: _process_tree(proc.pid))
+                    lambda: _process_tree(state["proc"].pid))
 
 
 def start_orthanc(work: Path) -> tuple[Receiver, LocalOrthanc]:
     orthanc = LocalOrthanc(work / "orthanc-bench").start()
 
     def reset() -> None:
-        with orthanc.client() as client:
-            for study in client.get("/studies").json():
-                client.delete(f"/studies/{study}")
+        # A new Orthanc (same ports) on a new storage folder and index, rather than deleting
+        # the studies: see set_aside.
+        orthanc.stop()
+        set_aside(orthanc.workdir)
+        orthanc.start()  # answers HTTP: its DICOM port may still be opening
+        _wait_for_port("Orthanc", orthanc.dicom_port, orthanc._proc)
 
     return (Receiver("orthanc", orthanc.dicom_port, orthanc.aet, reset, orthanc.stop,
                      lambda: [orthanc._proc.pid] if orthanc._proc else []), orthanc)
@@ -161,11 +219,7 @@ def start_node(work: Path, orthanc: LocalOrthanc, name: str = "node",
 
     def reset() -> None:
         state["node"].stop()
-        for _ in range(10):  # the receiving processes may still be closing the database
-            shutil.rmtree(work / name, ignore_errors=True)
-            if not (work / name).exists():
-                break
-            time.sleep(0.5)
+        set_aside(work / name)
         fresh = NodeProcess(work / name, orthanc, config=config,
                             dicom_port=state["node"].dicom_port).start()
         state["node"] = fresh
@@ -228,9 +282,36 @@ def flush_costs(folder: Path, count: int = 100) -> tuple[float, float]:
             folders.append(t2 - t1 if not keeps_name else 0.0)
     finally:
         os.close(folder_fd)
-        shutil.rmtree(incoming, ignore_errors=True)
-        shutil.rmtree(study, ignore_errors=True)
+        set_aside(incoming)  # not deleted yet: see set_aside
+        set_aside(study)
     return float(np.median(files)), float(np.median(folders))
+
+
+def create_cost(folder: Path, count: int = 200) -> float:
+    """Median seconds to create one empty file in a new folder (the files are set aside,
+    not deleted: see :func:`set_aside`)."""
+    folder.mkdir(parents=True)
+    timings = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        os.close(os.open(folder / f"{i}.part", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640))
+        timings.append(time.perf_counter() - t0)
+    set_aside(folder)
+    return float(np.median(timings))
+
+
+def settle(work: Path, limit_s: float = 60e-6, wait_s: float = 420.0) -> float:
+    """Wait until creating a file costs less than ``limit_s`` (at most ``wait_s``): inodes
+    freed by whatever ran before the bench slow every receiver's file creation until they
+    age (see :func:`set_aside`). Returns the last median measured."""
+    deadline = time.monotonic() + wait_s
+    cost = create_cost(work / "create-probe")
+    while cost >= limit_s and time.monotonic() < deadline:
+        print(f"file creation costs {cost * 1e6:.0f} µs (files deleted shortly before the "
+              f"bench); waiting for it to fall below {limit_s * 1e6:.0f} µs…", flush=True)
+        time.sleep(15)
+        cost = create_cost(work / "create-probe")
+    return cost
 
 
 def header_costs(files: list[Path]) -> tuple[float, float]:
@@ -294,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing a {args.instances}-instance 512×512 CT…", flush=True)
         files = make_study(work / "study", args.instances, seed=1)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
+        create_s = settle(work)
+        print(f"file creation: {create_s * 1e6:.0f} µs per new file (median of 200)", flush=True)
         file_s, folder_s = flush_costs(work / "flush")
         folder_flush = (f"fsync of its folder {folder_s * 1000:.2f} ms" if folder_s
                         else "its folder needs no fsync of its own on this file system")
@@ -325,12 +408,16 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for label, folders in ((1, one), (4, four)):
                     for receiver in measured:
-                        receiver.reset()
                         cpu_before, sender_before = cpu_seconds(receiver.pids()), sender_cpu()
                         elapsed = send(folders, receiver.port, receiver.called_aet)
                         cpu = cpu_seconds(receiver.pids()) - cpu_before
                         runs.setdefault((receiver.name, label), []).append(
                             (elapsed, cpu, sender_cpu() - sender_before))
+                        # At once (the stopped receiver's own CPU then counts among this
+                        # process's children, after the sender's was taken), so that what
+                        # storescp never flushed is dropped before the next receiver runs,
+                        # not written back during its run.
+                        receiver.reset()
                         print(f"  [{repeat + 1}/{args.repeats}] {receiver.name:<15} {label} "
                               f"assoc: {elapsed:6.2f} s  {args.instances / elapsed:7.1f} inst/s",
                               flush=True)
