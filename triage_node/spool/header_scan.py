@@ -251,7 +251,7 @@ def _meta(data: Received, end: int, regions: _Regions | None = None) -> tuple[st
         raise _Skip
     pos, syntax = 132, None
     if regions is not None:
-        regions.add(0, 128, None)  # the preamble: never read
+        regions.add(0, 128, None, 0)  # the preamble: never read, no length of its own
     while pos + 8 <= end and data[pos:pos + 2] == b"\x02\x00":
         tag, vr, length, at = _element_header(data, pos, end, False)
         if vr is None or length == _UNDEFINED or at + length > end:
@@ -259,7 +259,9 @@ def _meta(data: Received, end: int, regions: _Regions | None = None) -> tuple[st
         if tag == 0x00020010:
             syntax = bytes(data[at:at + length]).decode("ascii").strip(" \x00")
         elif regions is not None and length:
-            regions.add(at, at + length, None)  # read past: only the transfer syntax counts
+            # Read past: only the transfer syntax counts. (Explicit VR: a 4-byte length
+            # for OB and the like, else 2.)
+            regions.add(at, at + length, None, at - 4 if vr in _LONG_LENGTH_VRS else at - 2)
         pos = at + length
     if syntax not in _FAST_SYNTAXES:
         raise _Skip
@@ -321,11 +323,12 @@ def _scan(data: Received, regions: _Regions | None = None) -> ScannedHeader:
             raise _Skip  # pydicom converts it by the dictionary: let it
         if vr in BINARY_VRS or tag >> 16 == 0x7FE0:
             if regions is not None and length:
-                regions.add(at, pos, None)  # skipped unread
+                regions.add(at, pos, None, _length_field(at, vr, implicit))  # skipped unread
             continue
         if regions is not None and length and tag != 0x00080005 and tag != 0x00280103 \
                 and not (implicit and tag >> 16 & 1 and 0x10 <= tag & 0xFFFF <= 0xFF):
-            regions.add(at, pos, (tag, vr))  # converted: its bytes alone make its value
+            # Converted: its bytes alone make its value.
+            regions.add(at, pos, (tag, vr), _length_field(at, vr, implicit))
         if tag == 0x00080005:
             name = bytes(data[at:pos]).decode("ascii", "replace").strip(" \x00")
             if name not in FAST_CHARSETS:
@@ -383,26 +386,36 @@ def _require_plain_geometry(attributes: dict[str, str | list[str]]) -> None:
             raise _Skip
 
 
+def _length_field(at: int, vr: str, implicit: bool) -> int:
+    """Where the value length of the element whose value starts at ``at`` begins (PS3.5 7.1):
+    4 bytes before it in an implicit VR data set and for the VRs with a 32-bit length, else 2."""
+    return at - 4 if implicit or vr in _LONG_LENGTH_VRS else at - 2
+
+
 class _Regions:
     """Where the bytes read by a scan may change without changing how the rest is read: the
     values of elements read past unread, and of elements converted by their bytes alone (with
-    the tag and VR to convert them again). Everything else (element headers, the transfer
-    syntax, Specific Character Set, Pixel Representation, private creators, the items of
-    undefined-length sequences) decides the walk itself."""
+    the tag and VR to convert them again), and the value length of each, which may change
+    too: the walk then goes on as before, that many bytes further. Everything else (element
+    headers, the transfer syntax, Specific Character Set, Pixel Representation, private
+    creators, the items of undefined-length sequences) decides the walk itself."""
 
-    __slots__ = ("elements", "encoding", "ends", "starts")
+    __slots__ = ("elements", "encoding", "ends", "fields", "starts")
 
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.ends: list[int] = []
+        self.fields: list[int] = []
+        """Where each value's length begins (its start when it has none: the preamble)."""
         self.elements: list[tuple[int, str] | None] = []
         self.encoding = "ascii"
         """The text encoding the scan settled on (Specific Character Set)."""
 
-    def add(self, start: int, end: int, element: tuple[int, str] | None) -> None:
+    def add(self, start: int, end: int, element: tuple[int, str] | None, field: int) -> None:
         self.starts.append(start)
         self.ends.append(end)
         self.elements.append(element)
+        self.fields.append(field)
 
 
 @dataclass(frozen=True)
@@ -459,31 +472,67 @@ def _copied(attributes: dict[str, str | list[str]]) -> dict[str, str | list[str]
             for key, value in attributes.items()}
 
 
+_MAX_RESIZED = 8
+"""Values of another length one head may have before it is scanned in full instead."""
+
+
 def _scan_like(data: bytes, layout: _Layout) -> ScannedHeader | None:
-    """The header of ``data`` read through ``layout``, or None: it must be scanned in full."""
+    """The header of ``data`` read through ``layout``, or None: it must be scanned in full.
+
+    The bytes are compared with the layout's head; they may differ only inside the values
+    of its regions. A value may also have another length (an Instance Number of one more
+    digit, a shorter UID): its length field then differs, and the comparison goes on past
+    the new value, the layout's bytes that many further on.
+    """
     prefix = layout.prefix
     size = len(prefix)
-    if len(data) < size:
-        return None
-    head = data[:size]
     previous, regions = layout.header, layout.regions
-    changed: list[tuple[int, str, int, int]] = []  # tag, VR, start and end of each value
-    if head != prefix:
-        starts, ends, elements = regions.starts, regions.ends, regions.elements
-        difference = (int.from_bytes(head, "little")
-                      ^ int.from_bytes(prefix, "little")).to_bytes(size, "little")
+    starts, ends, elements, fields = regions.starts, regions.ends, regions.elements, regions.fields
+    changed: list[tuple[int, str, int, int]] = []  # tag, VR, start and end in ``data``
+    old = new = 0  # prefix[old:size] is to be found at data[new:]
+    for _ in range(_MAX_RESIZED + 1):
+        rest = size - old
+        if new + rest > len(data):
+            return None
+        ours = prefix[old:] if old else prefix
+        theirs = data[new:new + rest]
+        if theirs == ours:
+            break
+        shift = new - old
+        difference = (int.from_bytes(theirs, "little")
+                      ^ int.from_bytes(ours, "little")).to_bytes(rest, "little")
+        resized = False
         for run in _NONZERO(difference):
             first, last = run.span()
+            first += old
+            last += old
             i = bisect_right(starts, first) - 1
-            if i < 0 or last > ends[i]:
+            if i >= 0 and last <= ends[i]:  # inside a value
+                element = elements[i]
+                if element is not None and (not changed or changed[-1][2] != starts[i] + shift):
+                    changed.append((*element, starts[i] + shift, ends[i] + shift))
+                continue
+            i += 1  # else it must start in the length of the next value
+            if i == len(starts) or not fields[i] <= first:
                 return None  # outside a value that may change
+            field, start = fields[i] + shift, starts[i] + shift
+            length = int.from_bytes(data[field:start], "little")
+            if length == _UNDEFINED or (previous.implicit_vr and data[field:field + 2].isupper()):
+                return None  # a VR where a length was (the full scan steps aside there)
             element = elements[i]
-            if element is not None and (not changed or changed[-1][2] != starts[i]):
-                changed.append((*element, starts[i], ends[i]))
+            if element is not None:
+                changed.append((*element, start, start + length))
+            old, new = ends[i], start + length
+            resized = True
+            break
+        if not resized:
+            break
+    else:
+        return None
     attributes = _copied(previous.attributes)
     encoding = regions.encoding
     for tag, vr, start, end in changed:
-        value = head[start:end]
+        value = data[start:end]
         remembered = _CONVERTED.get((tag, vr, encoding, value))
         if remembered is None:
             remembered = _convert(tag, vr, encoding, value)
@@ -494,7 +543,7 @@ def _scan_like(data: bytes, layout: _Layout) -> ScannedHeader | None:
             attributes[keyword] = converted if converted.__class__ is str else list(converted)
     _require_plain_geometry(attributes)
     return ScannedHeader(previous.transfer_syntax, previous.implicit_vr, attributes,
-                         previous.stop_offset)
+                         previous.stop_offset + new - old)
 
 
 def scan(data: Received) -> ScannedHeader | None:
