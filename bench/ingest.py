@@ -36,7 +36,8 @@ Then 2,000 instances (4 studies) go to triage-node over 4 associations while its
 memory is sampled: the peak (sum over the node's processes) must stay flat, not grow with the
 number of instances received.
 
-Run: ``python -m bench.ingest`` (about 8 minutes). ``--instances`` changes the study size,
+Run: ``python -m bench.ingest`` (about 8 minutes, and up to 7 more when it waits for file
+creation to be cheap). ``--instances`` changes the study size,
 ``--repeats`` the number of runs each figure is the median of (default 5: on a shared
 machine one run can be 25 % off the next).
 """
