@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -59,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy.demo.node import NodeProcess, write_node_config
-from deploy.demo.orthanc import LocalOrthanc, free_port
+from deploy.demo.orthanc import LocalOrthanc, free_port, wait_for_port
 from deploy.demo.senders import dcmtk, dcmtk_env
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import default_receiver_processes
@@ -152,20 +151,6 @@ def set_aside(folder: Path) -> None:
                 os.truncate(path, 0)
 
 
-def _wait_for_port(name: str, port: int, proc: subprocess.Popen[bytes] | None,
-                   timeout: float = 30.0) -> None:
-    """Wait until ``proc`` accepts connections on ``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is None or proc.poll() is not None:
-            raise RuntimeError(f"{name} exited before listening on port {port}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{name} did not listen on port {port} within {timeout} s")
-
-
 def start_storescp(work: Path) -> Receiver:
     out = work / "storescp-out"
     port = free_port()
@@ -177,7 +162,7 @@ def start_storescp(work: Path) -> Receiver:
             [dcmtk("storescp"), "--fork", "-od", str(out), "-aet", "STORESCP",
              "--max-pdu", "131072", str(port)],
             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_port("storescp", port, state["proc"])
+        wait_for_port(port, state["proc"], name="storescp", timeout=30)
 
     def stop() -> None:
         state["proc"].terminate()
@@ -203,7 +188,7 @@ def start_orthanc(work: Path) -> tuple[Receiver, LocalOrthanc]:
         orthanc.stop()
         set_aside(orthanc.workdir)
         orthanc.start()  # answers HTTP: its DICOM port may still be opening
-        _wait_for_port("Orthanc", orthanc.dicom_port, orthanc._proc)
+        wait_for_port(orthanc.dicom_port, orthanc._proc, name="Orthanc", timeout=30)
 
     return (Receiver("orthanc", orthanc.dicom_port, orthanc.aet, reset, orthanc.stop,
                      lambda: [orthanc._proc.pid] if orthanc._proc else []), orthanc)

@@ -30,6 +30,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, *,
+                  name: str = "server", timeout: float = 10.0) -> None:
+    """Wait until something accepts connections on loopback ``port``; raise RuntimeError
+    when ``proc`` (the process meant to listen there) exits first or ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} before listening on "
+                               f"port {port}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{name}: nothing listens on port {port} after {timeout} s")
+
+
 @dataclass
 class LocalOrthanc:
     workdir: Path

@@ -7,7 +7,6 @@ sees: delivered, pending with a retry, or dead with the reason.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     KeyObjectSelectionDocumentStorage,
 )
 
-from deploy.demo.orthanc import LocalOrthanc, free_port
+from deploy.demo.orthanc import LocalOrthanc, free_port, wait_for_port
 from deploy.demo.senders import dcmtk, dcmtk_env
 from tests.helpers.dicom_results import (
     algorithm_info,
@@ -94,19 +93,6 @@ def _states(db: Database) -> dict[str, tuple[str, int, str | None]]:
     return {e.kind: (e.status, e.attempts, e.last_error) for e in list_entries(db)}
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
-               timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
 @dataclass
 class StoreSCP:
     port: int
@@ -136,7 +122,7 @@ def storescp(tmp_path: Path) -> Iterator[Any]:
                  str(port)],
                 stdout=out, stderr=subprocess.STDOUT, env=dcmtk_env())
         started.append(proc)
-        _wait_port(port, proc)
+        wait_for_port(port, proc)
         return StoreSCP(port, folder, log, proc)
 
     yield start
