@@ -130,7 +130,7 @@ def set_aside(folder: Path) -> None:
 
     Emptied (their pages and blocks freed, what storescp never flushed dropped unwritten, as
     deleting them did), not deleted: on ext4 without a journal (this machine's disk) a new
-    file does not take an inode freed in the last minute (five while its block is not yet
+    file does not take an inode freed in the last minute (six while its block is not yet
     written back), and finding a free one walks past every such inode of the folder's block
     group, one lookup each. After the 500 files of the last run are deleted, each file the
     next receiver creates costs 0.1-0.5 ms instead of about 0.02 (``perf``:

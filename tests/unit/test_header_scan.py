@@ -274,13 +274,18 @@ def _same_as_full_scan(data: bytes, label: str) -> bool:
     return through_layout
 
 
+def _saved(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file."""
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def _with_sop_uid(path: Path, uid: str) -> bytes:
     """The file at ``path`` with ``uid`` as its SOP Instance UID (dataset and file meta)."""
     ds = dcmread(path)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return _saved(ds)
 
 
 def test_a_series_read_head_after_head_reads_as_each_head_alone(tmp_path: Path) -> None:
@@ -351,12 +356,6 @@ def _new_value(vr: str, rng: random.Random) -> str:
 
 
 _NEW_VALUE_VRS = frozenset({"IS", "DS", "UI", "TM", "CS", "LO", "SH"})
-
-
-def _saved(ds: Dataset) -> bytes:
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
