@@ -187,8 +187,7 @@ def start_orthanc(work: Path) -> tuple[Receiver, LocalOrthanc]:
         # the studies: see set_aside.
         orthanc.stop()
         set_aside(orthanc.workdir)
-        orthanc.start()  # answers HTTP: its DICOM port may still be opening
-        wait_for_port(orthanc.dicom_port, orthanc._proc, name="Orthanc", timeout=30)
+        orthanc.start()
 
     return (Receiver("orthanc", orthanc.dicom_port, orthanc.aet, reset, orthanc.stop,
                      lambda: [orthanc._proc.pid] if orthanc._proc else []), orthanc)

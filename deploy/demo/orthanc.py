@@ -112,12 +112,21 @@ class LocalOrthanc:
                     f"Orthanc exited with {self._proc.returncode}; see {self.workdir}/orthanc.log")
             try:
                 if httpx.get(f"{self.url}/system", auth=self.auth, timeout=1).status_code == 200:
-                    return self
+                    break
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not answer within {timeout} s")
+        else:
+            self.stop()
+            raise RuntimeError(f"Orthanc did not answer within {timeout} s")
+        # Answering HTTP does not mean its DICOM port is open yet: senders need both.
+        try:
+            wait_for_port(self.dicom_port, self._proc, name="Orthanc",
+                          timeout=max(1.0, deadline - time.monotonic()))
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         stop_process(self._proc, timeout=15)

@@ -259,9 +259,8 @@ def _meta(data: Received, end: int, regions: _Regions | None = None) -> tuple[st
         if tag == 0x00020010:
             syntax = bytes(data[at:at + length]).decode("ascii").strip(" \x00")
         elif regions is not None and length:
-            # Read past: only the transfer syntax counts. (Explicit VR: a 4-byte length
-            # for OB and the like, else 2.)
-            regions.add(at, at + length, None, at - 4 if vr in _LONG_LENGTH_VRS else at - 2)
+            # Read past: only the transfer syntax counts.
+            regions.add(at, at + length, None, _length_field(at, vr, False))
         pos = at + length
     if syntax not in _FAST_SYNTAXES:
         raise _Skip
