@@ -26,11 +26,11 @@ the bench's own clean-up would otherwise slow whichever receiver it measures nex
 same reason the bench first waits, up to 7 minutes, until creating a file is cheap again
 after whatever ran before it, and prints that cost.
 
-First it measures what durability costs on this disk: the median flush of a new file
-renamed into its folder, and of the folder where the file system needs that (not ext4 or
-xfs), the flushes triage-node pays before each Success, and the ceiling they put on one
-association; and what reading each header costs, on the receiver's fast path and with
-pydicom.
+First it measures what durability costs on this disk: the median time the spool's own
+code takes to rename a new file into its study folder and flush it (and the folder, where
+the file system needs that: not ext4 or xfs), as triage-node does before each Success, and
+the ceiling that puts on one association; and what reading each header costs, on the
+receiver's fast path and with pydicom.
 
 Then 2,000 instances (4 studies) go to triage-node over 4 associations while its resident
 memory is sampled: the peak (sum over the node's processes) must stay flat, not grow with the
@@ -63,7 +63,7 @@ from deploy.demo.senders import dcmtk, dcmtk_env
 from trainers.phantoms.dicom import write_ct_series
 from triage_node.config.models import default_receiver_processes
 from triage_node.spool.index import read_header, read_header_with_pydicom
-from triage_node.spool.store import file_fsync_keeps_new_name
+from triage_node.spool.store import Spool
 
 ENV = dcmtk_env()
 
@@ -190,7 +190,7 @@ def start_orthanc(work: Path) -> tuple[Receiver, LocalOrthanc]:
         orthanc.start()
 
     return (Receiver("orthanc", orthanc.dicom_port, orthanc.aet, reset, orthanc.stop,
-                     lambda: [orthanc._proc.pid] if orthanc._proc else []), orthanc)
+                     lambda: [] if orthanc.pid is None else [orthanc.pid]), orthanc)
 
 
 def start_node(work: Path, orthanc: LocalOrthanc, name: str = "node",
@@ -234,42 +234,28 @@ def _process_tree(pid: int | None) -> list[int]:
     return found
 
 
-def flush_costs(folder: Path, count: int = 100) -> tuple[float, float]:
-    """Median seconds of the flushes triage-node pays per acknowledged instance on the file
-    system of ``folder`` (spool/store.py, Spool.adopt): a new 512 KiB file is renamed into a
-    study folder and flushed, with ``fsync`` where that also makes its new name durable
-    (ext4, xfs), and otherwise with ``fdatasync`` and then ``fsync`` of the folder. The second
-    figure is 0 where the folder needs no flush of its own."""
-    incoming, study = folder / "incoming", folder / "study"
-    incoming.mkdir(parents=True, exist_ok=True)
-    study.mkdir(exist_ok=True)
-    keeps_name = file_fsync_keeps_new_name(study)
+def flush_costs(folder: Path, count: int = 100) -> tuple[float, bool]:
+    """Median seconds triage-node takes to make one acknowledged 512 KiB instance durable on
+    the file system of ``folder``, through the spool's own code: the file received into
+    ``incoming/`` is renamed into its study folder and flushed (``Spool.adopt``: the file's
+    ``fsync`` where that also makes its new name durable, ext4 and xfs; elsewhere
+    ``fdatasync`` and the folder's ``fsync``). Also whether the folder needs that flush of
+    its own."""
+    spool = Spool(folder)
     data = os.urandom(524_288)
-    folder_fd = os.open(study, os.O_RDONLY | os.O_DIRECTORY)
-    files, folders = [], []
+    timings = []
     try:
-        for i in range(count):
-            part = incoming / f"{i}.part"
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            os.write(fd, data)
-            os.replace(part, study / f"{i}.dcm")
+        for i in range(count + 1):
+            incoming = spool.incoming()
+            incoming.write(data)
+            incoming.complete()
             t0 = time.perf_counter()
-            if keeps_name:
-                os.fsync(fd)
-            else:
-                os.fdatasync(fd)
-            t1 = time.perf_counter()
-            os.close(fd)
-            if not keeps_name:
-                os.fsync(folder_fd)
-            t2 = time.perf_counter()
-            files.append(t1 - t0)
-            folders.append(t2 - t1 if not keeps_name else 0.0)
+            spool.adopt(incoming, "study", f"1.2.826.0.1.3680043.8.498.{i + 1}")
+            if i:  # the first one makes the study folder
+                timings.append(time.perf_counter() - t0)
     finally:
-        os.close(folder_fd)
-        set_aside(incoming)  # not deleted yet: see set_aside
-        set_aside(study)
-    return float(np.median(files)), float(np.median(folders))
+        set_aside(folder)  # not deleted yet: see set_aside
+    return float(np.median(timings)), not spool.file_fsync_keeps_name
 
 
 def create_cost(folder: Path, count: int = 200) -> float:
@@ -362,12 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         create_s = settle(work)
         print(f"file creation: {create_s * 1e6:.0f} µs per new file (median of 200)", flush=True)
-        file_s, folder_s = flush_costs(work / "flush")
-        folder_flush = (f"fsync of its folder {folder_s * 1000:.2f} ms" if folder_s
-                        else "its folder needs no fsync of its own on this file system")
-        print(f"storage: flush of a new 512 KiB file after its rename {file_s * 1000:.2f} ms, "
-              f"{folder_flush} (medians of 100) → durability alone caps one association at "
-              f"{1 / (file_s + folder_s):.0f} inst/s", flush=True)
+        flush_s, folder_flushed = flush_costs(work / "flush")
+        print(f"storage: a new 512 KiB file renamed into its study folder and made durable "
+              f"(spool/store.py, Spool.adopt) in {flush_s * 1000:.2f} ms (median of 100); "
+              f"its folder {'is' if folder_flushed else 'needs no'} fsync"
+              f"{'ed as well' if folder_flushed else ' of its own'} on this file system "
+              f"→ durability alone caps one association at {1 / flush_s:.0f} inst/s",
+              flush=True)
         print(f"triage-node's default here: {default_receiver_processes()} receiving "
               f"process(es)", flush=True)
         fast_s, pydicom_s = header_costs(files)
@@ -434,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ratio(name, 'storescp', label):>19} "
                       f"{cpu_rx / args.instances:7.2f} {cpu_tx / args.instances:7.2f}")
             if args.memory_instances and (not args.only or "triage-node" in args.only):
-                node = receivers[2]
-                node.reset()
+                node = receivers[2]  # a fresh node: every run above ends with a reset
                 studies = max(1, args.memory_instances // args.instances)
                 folders = []
                 for s in range(studies):

@@ -9,6 +9,7 @@ pynetdicom's own identifier logging is switched off in :mod:`triage_node.receive
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -48,6 +49,23 @@ def drop_unlisted_keys(
     return event_dict
 
 
+class _Handler(logging.StreamHandler):
+    """A stream handler that says only what kind of failure lost a record.
+
+    The standard handler prints the failure's traceback to stderr, and with it the exception
+    being handled when the record was made (``During handling of the above exception...``),
+    whose message may quote received values; the record's message and arguments follow.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not logging.raiseExceptions or sys.stderr is None:
+            return
+        failure = sys.exc_info()[1]
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"triage-node: a log record was lost: the log stream failed "
+                             f"({type(failure).__name__})\n")
+
+
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog for JSON lines on ``stream`` (stderr by default).
 
@@ -78,7 +96,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
             structlog.processors.JSONRenderer(),
         ],
     )
-    handler = logging.StreamHandler(out)
+    handler = _Handler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

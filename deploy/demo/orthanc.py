@@ -60,6 +60,11 @@ class LocalOrthanc:
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The running Orthanc's process id (None when stopped)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 

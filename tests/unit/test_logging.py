@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from triage_node.logging import configure_logging, get_logger
 
 SENTINELS = {
@@ -36,3 +38,23 @@ def test_stdlib_loggers_pass_through_the_same_filter() -> None:
     text = stream.getvalue()
     assert "hello" in text
     assert "SENTINEL-ID-1" not in text
+
+
+def test_a_failing_log_stream_prints_no_record_and_no_exception_message(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """When the log stream fails, stderr gets one line naming the failure: not the record,
+    nor the exception being handled when it was made (its message may quote received values),
+    which the standard handler prints with its traceback."""
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    stream.close()
+    try:
+        raise RuntimeError(SENTINELS["patient_name"])
+    except RuntimeError:
+        get_logger("t").error("association aborted: internal error", error="RuntimeError",
+                              patient_id=SENTINELS["patient_id"])
+    err = capsys.readouterr().err
+    assert "a log record was lost: the log stream failed (ValueError)" in err
+    for value in SENTINELS.values():
+        assert value not in err
+    assert "association aborted" not in err

@@ -366,12 +366,18 @@ class Spool:
         copy is recognised).
         """
         relative = self._relative(study_key, sop_instance_uid, "r" + secrets.token_hex(8))
-        path = f"{self.root}/{relative}"
+        self.place(incoming, f"{self.root}/{relative}")
+        return SpooledFile(relative, sha256, incoming.size, already_present=False)
+
+    def place(self, incoming: IncomingFile, path: str) -> None:
+        """Rename a fully received file to ``path`` and make its bytes and its new name
+        durable, with the fewest flushes this file system allows (see :meth:`adopt`); the
+        folder is made (and flushed with its parent) when it is not there."""
         folder = os.path.dirname(path)
         new_folder = False
         try:
             incoming.move(path)
-        except FileNotFoundError:  # the study's first instance (or retention removed it)
+        except FileNotFoundError:  # a study's first instance (or retention removed it)
             os.makedirs(folder, exist_ok=True)
             new_folder = True
             incoming.move(path)
@@ -381,7 +387,6 @@ class Spool:
             _fsync_dir(os.path.dirname(folder))
         elif not self.file_fsync_keeps_name:
             _fsync_dir(folder)
-        return SpooledFile(relative, sha256, incoming.size, already_present=False)
 
     def content_sha256(self, relative: str) -> str:
         """sha256 of a spooled file's bytes."""
@@ -401,9 +406,7 @@ class Spool:
         path = self.root / "quarantine" / f"{stamp}-{sha256_of(content)[:16]}.dcm"
         record = {"reason": reason, "received_at": time.time(), **details}
         write_durably(path.with_suffix(".reason.json"), json.dumps(record, indent=2).encode())
-        incoming.move(path)
-        incoming.seal()
-        _fsync_dir(path.parent)
+        self.place(incoming, os.fspath(path))
         return path
 
     def store(self, study_key: str, sop_instance_uid: str, data: bytes,
