@@ -50,7 +50,8 @@ def drop_unlisted_keys(
 
 
 class _Handler(logging.StreamHandler):
-    """A stream handler that says only what kind of failure lost a record.
+    """A stream handler that says only what kind of failure lost a record (the stream
+    failed, or the record could not be formatted).
 
     The standard handler prints the failure's traceback to stderr, and with it the exception
     being handled when the record was made (``During handling of the above exception...``),
@@ -62,7 +63,7 @@ class _Handler(logging.StreamHandler):
             return
         failure = sys.exc_info()[1]
         with contextlib.suppress(Exception):
-            sys.stderr.write(f"triage-node: a log record was lost: the log stream failed "
+            sys.stderr.write(f"triage-node: a log record could not be written "
                              f"({type(failure).__name__})\n")
 
 

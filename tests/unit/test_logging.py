@@ -54,7 +54,7 @@ def test_a_failing_log_stream_prints_no_record_and_no_exception_message(
         get_logger("t").error("association aborted: internal error", error="RuntimeError",
                               patient_id=SENTINELS["patient_id"])
     err = capsys.readouterr().err
-    assert "a log record was lost: the log stream failed (ValueError)" in err
+    assert "triage-node: a log record could not be written (ValueError)" in err
     for value in SENTINELS.values():
         assert value not in err
     assert "association aborted" not in err
