@@ -4,7 +4,9 @@ Every log event goes through :func:`drop_unlisted_keys`, a structlog processor t
 keys on an allow-list. Patient names, IDs, accession numbers and raw UIDs therefore never reach
 a log even if a caller binds them by mistake: the dropped keys are named (not their values) so
 the mistake is visible. Studies are referred to by ``study_key``, an opaque id the node assigns.
-pynetdicom's own identifier logging is switched off in :mod:`triage_node.receive.scp`.
+pynetdicom's own identifier logging is switched off in :mod:`triage_node.receive.scp`. An
+exception is logged with its frames and type, never its message
+(:func:`format_exc_info_without_messages`): a message may quote the values that caused it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import traceback
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -46,6 +49,51 @@ def drop_unlisted_keys(
         del event_dict[key]
     if dropped:
         event_dict["dropped_keys"] = dropped
+    return event_dict
+
+
+def _without_messages(exc: BaseException) -> str:
+    """A traceback of ``exc`` and the exceptions chained to it: their frames and types, never
+    their messages (a message may quote received values, a parsed name or UID)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__
+                                        else current.__context__)
+    parts: list[str] = []
+    older: BaseException | None = None
+    for link in reversed(chain):  # oldest first, as Python prints a chain
+        if older is not None:
+            parts.append("\nThe above exception was the direct cause of the following "
+                         "exception:\n\n" if link.__cause__ is older else
+                         "\nDuring handling of the above exception, another exception "
+                         "occurred:\n\n")
+        older = link
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_list(traceback.extract_tb(link.__traceback__)))
+        kind = type(link)
+        parts.append(f"{kind.__module__}.{kind.__qualname__} (message withheld)\n")
+    return "".join(parts)
+
+
+def format_exc_info_without_messages(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: ``exc_info`` (``log.exception``, a stdlib record's exception)
+    rendered as ``exception`` by :func:`_without_messages`."""
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    exc: BaseException | None
+    if isinstance(exc_info, BaseException):
+        exc = exc_info
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = sys.exc_info()[1]
+    if exc is not None:
+        event_dict["exception"] = _without_messages(exc)
     return event_dict
 
 
@@ -92,7 +140,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
+            format_exc_info_without_messages,
             drop_unlisted_keys,
             structlog.processors.JSONRenderer(),
         ],

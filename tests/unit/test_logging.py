@@ -58,3 +58,34 @@ def test_a_failing_log_stream_prints_no_record_and_no_exception_message(
     for value in SENTINELS.values():
         assert value not in err
     assert "association aborted" not in err
+
+
+def _raise_with(value: str) -> None:
+    try:
+        int(value)  # ValueError: invalid literal for int() with base 10: '<value>'
+    except ValueError as exc:
+        raise RuntimeError(f"cannot read {value}") from exc
+
+
+def test_an_exception_is_logged_with_its_frames_and_types_but_not_its_messages() -> None:
+    """``log.exception`` and a third-party logger's exception both keep the traceback's frames
+    and the exception types of the whole chain; the messages, which here quote a patient
+    name as a parser's would, are withheld."""
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    name = SENTINELS["patient_name"]
+    try:
+        _raise_with(name)
+    except RuntimeError:
+        get_logger("t").exception("study processing crashed", stage="process")
+        logging.getLogger("thirdparty").exception("callback failed")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["study processing crashed", "callback failed"]
+    for line in lines:
+        trace = line["exception"]
+        assert trace.count("Traceback (most recent call last):") == 2
+        assert "builtins.ValueError (message withheld)" in trace
+        assert "builtins.RuntimeError (message withheld)" in trace
+        assert trace.index("ValueError") < trace.index("RuntimeError")  # oldest first
+        assert "in _raise_with" in trace and "test_logging.py" in trace
+    assert name not in stream.getvalue()
